@@ -1,0 +1,1 @@
+"""GTSRB MLOps pipeline components: plain-Python cores plus thin KFP wrappers."""

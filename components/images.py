@@ -1,0 +1,44 @@
+"""Container image names: one source of truth, images/images.env.
+
+Each pipeline step runs in its own image ``<IMAGE_REGISTRY>/<IMAGE_PREFIX><step>:<IMAGE_TAG>``.
+Environment variables of the same names override the file's defaults, so the Makefile,
+the GitHub workflows and ``pipeline.py`` always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV_FILE = Path(__file__).resolve().parent.parent / "images" / "images.env"
+
+
+def _defaults() -> dict[str, str]:
+    values = {}
+    for line in ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def setting(key: str) -> str:
+    return os.environ.get(key) or _defaults()[key]
+
+
+def steps() -> list[str]:
+    """Every image built from images/ (the shared base first)."""
+    return setting("STEPS").split()
+
+
+def image(step: str) -> str:
+    if step not in steps():
+        raise KeyError(f"no image for step {step!r}; known: {', '.join(steps())}")
+    return f"{setting('IMAGE_REGISTRY')}/{setting('IMAGE_PREFIX')}{step}:{setting('IMAGE_TAG')}"
+
+
+if __name__ == "__main__":  # `python -m components.images [step]` prints image names
+    for name in sys.argv[1:] or steps():
+        print(image(name))

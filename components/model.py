@@ -1,0 +1,176 @@
+"""The one place that defines the networks, the image transforms and the class names.
+
+Everything that turns an image into a prediction (preprocess, train, evaluate, the KServe
+predictor) goes through :func:`to_uint8_32` and :func:`normalize`, so training and serving
+see identical inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+NUM_CLASSES = 43
+IMAGE_SIZE = 32
+INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
+
+# GTSRB class ids 0..42, in order.
+CLASS_NAMES = (
+    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)",
+    "Speed limit (60km/h)", "Speed limit (70km/h)", "Speed limit (80km/h)",
+    "End of speed limit (80km/h)", "Speed limit (100km/h)", "Speed limit (120km/h)",
+    "No passing", "No passing for vehicles over 3.5 metric tons",
+    "Right-of-way at the next intersection", "Priority road", "Yield", "Stop",
+    "No vehicles", "Vehicles over 3.5 metric tons prohibited", "No entry",
+    "General caution", "Dangerous curve to the left", "Dangerous curve to the right",
+    "Double curve", "Bumpy road", "Slippery road", "Road narrows on the right",
+    "Road work", "Traffic signals", "Pedestrians", "Children crossing",
+    "Bicycles crossing", "Beware of ice/snow", "Wild animals crossing",
+    "End of all speed and passing limits", "Turn right ahead", "Turn left ahead",
+    "Ahead only", "Go straight or right", "Go straight or left", "Keep right",
+    "Keep left", "Roundabout mandatory", "End of no passing",
+    "End of no passing by vehicles over 3.5 metric tons",
+)
+assert len(CLASS_NAMES) == NUM_CLASSES
+
+WEIGHTS_FILE = "model.pt"
+CARD_FILE = "model_card.json"
+
+
+# --------------------------------------------------------------------------- transforms
+def to_uint8_32(image: Image.Image) -> torch.Tensor:
+    """Decoded image of any size -> uint8 tensor 3x32x32 (RGB, bilinear, antialiased).
+
+    Same as torchvision's ``transforms.Resize((32, 32))`` on a PIL image, stored as uint8 so
+    a whole split fits in memory (39k images = 120 MB).
+    """
+    image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(
+        IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1).contiguous()
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 batch Nx3x32x32 -> float32, scaled to [0, 1] then standardized per channel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean) / std
+
+
+# --------------------------------------------------------------------------- networks
+class LPNet(nn.Module):
+    """The Arm learning path's network (conv32-conv64-fc128-fc43), kept for comparison."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.fc1 = nn.Linear(64 * 6 * 6, 128)
+        self.fc2 = nn.Linear(128, NUM_CLASSES)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SignNet(nn.Module):
+    """Default network: three conv-BN blocks, pooled to 4x4, dropout, linear head."""
+
+    def __init__(self, width: int = 32, dropout: float = 0.3):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w), nn.MaxPool2d(2),            # 16x16
+            _conv_bn(w, 2 * w), nn.MaxPool2d(2),        # 8x8
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),    # 4x4
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+ARCHITECTURES = {"lp": LPNet, "signnet": SignNet}
+DEFAULT_ARCH = "signnet"
+# lp keeps the learning path's Normalize(0.5, 0.5); other nets use per-channel train stats.
+FIXED_NORMALIZATION = {"lp": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])}
+
+
+def build_model(arch: str) -> nn.Module:
+    try:
+        return ARCHITECTURES[arch]()
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
+
+
+def count_flops(model: nn.Module) -> int:
+    """Forward FLOPs for one image (FlopCounterMode counts a multiply-add as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *INPUT_SHAPE))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- artifact
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model_artifact(directory: str | Path, model: nn.Module, card: dict) -> dict:
+    """Write weights + model card into ``directory``; returns the completed card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    torch.save(model.state_dict(), weights)
+    card = dict(card, weights_file=WEIGHTS_FILE, weights_sha256=sha256_file(weights),
+                torch_version=torch.__version__, input_shape=list(INPUT_SHAPE),
+                input_dtype="uint8 RGB, resized to 32x32, then normalized",
+                class_names=list(CLASS_NAMES))
+    (directory / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+class ModelArtifactError(RuntimeError):
+    pass
+
+
+def load_model_artifact(directory: str | Path) -> tuple[nn.Module, dict]:
+    """Load weights + card, verifying the weights' sha256 against the card."""
+    directory = Path(directory)
+    card_path = directory / CARD_FILE
+    if not card_path.is_file():
+        raise ModelArtifactError(f"{card_path}: model card missing (is {directory} a model artifact?)")
+    card = json.loads(card_path.read_text())
+    weights = directory / card.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise ModelArtifactError(f"{weights}: weights file missing")
+    actual = sha256_file(weights)
+    if actual != card.get("weights_sha256"):
+        raise ModelArtifactError(
+            f"{weights}: sha256 {actual} does not match the model card's {card.get('weights_sha256')}")
+    model = build_model(card["architecture"])
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    return model, card

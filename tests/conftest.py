@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import make_gtsrb
+
+SAMPLE_DIR = Path(os.environ.get("GTSRB_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "gtsrb-sample"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A tiny GTSRB (43 classes x 2 tracks x 3 images train, 2 test per class)."""
+    return make_gtsrb(tmp_path_factory.mktemp("gtsrb"))
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, tmp_path_factory) -> Path:
+    """Ingested + preprocessed synthetic data directory (train.pt / test.pt)."""
+    from components.ingest import ingest_dataset
+    from components.preprocess import preprocess_dataset
+
+    work = tmp_path_factory.mktemp("prepared")
+    ingest_dataset(str(synthetic_root), str(work / "raw"))
+    preprocess_dataset(str(work / "raw"), str(work / "data"))
+    return work / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_model(prepared, tmp_path_factory) -> Path:
+    """A small model artifact (lp, a few epochs) trained on the synthetic data."""
+    from components.train import TrainConfig, train_model
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    train_model(str(prepared), str(out), TrainConfig(arch="lp", epochs=8, val_fraction=0.0, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real GTSRB sample (../shared/gtsrb-sample or $GTSRB_SAMPLE_DIR)."""
+    if not (SAMPLE_DIR / "gtsrb" / "GTSRB" / "Training").is_dir():
+        pytest.fail(f"real GTSRB sample not found at {SAMPLE_DIR}; set GTSRB_SAMPLE_DIR")
+    return SAMPLE_DIR
