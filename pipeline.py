@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from kfp import compiler, dsl
@@ -68,6 +69,9 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     artifacts.mkdir(parents=True, exist_ok=True)
     # Task subprocesses import `components` from this checkout (the images bake it in instead).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # Tasks run this checkout's code in this environment, not their images: expected here.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
+                            category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts),
                raise_on_error=True)
     start = time.perf_counter()

@@ -1,0 +1,113 @@
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from components.ingest import ARCHIVE, MANIFEST, IngestError, ingest_dataset
+from components.model import NUM_CLASSES
+from components.preprocess import load_split, preprocess_dataset
+from tests.synthetic import make_gtsrb
+
+
+@pytest.fixture()
+def gtsrb_copy(synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+def test_ingest_packs_every_image_with_labels_and_tracks(synthetic_root, tmp_path):
+    summary = ingest_dataset(str(synthetic_root), str(tmp_path / "raw"))
+    assert summary == {"train_images": NUM_CLASSES * 6, "test_images": NUM_CLASSES * 2,
+                       "train_tracks": NUM_CLASSES * 2}
+    manifest = json.loads((tmp_path / "raw" / MANIFEST).read_text())
+    first = manifest["train"][0]
+    assert first == {"file": "gtsrb/GTSRB/Training/00000/00000_00000.ppm", "label": 0, "track": 0}
+    assert manifest["train"][-1]["label"] == 42 and manifest["train"][-1]["track"] == 1
+    with tarfile.open(tmp_path / "raw" / ARCHIVE) as tar:
+        names = set(tar.getnames())
+    assert {e["file"] for e in manifest["train"] + manifest["test"]} <= names
+    assert "gtsrb/GT-final_test.csv" in names
+
+
+def test_truncated_image_fails_with_its_name_and_leaves_no_output(gtsrb_copy, tmp_path):
+    bad = gtsrb_copy / "gtsrb/GTSRB/Training/00007/00001_00002.ppm"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    out = tmp_path / "raw"
+    with pytest.raises(IngestError, match="00007/00001_00002.ppm"):
+        ingest_dataset(str(gtsrb_copy), str(out))
+    assert not out.exists() and not list(tmp_path.glob("raw*"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "gtsrb/GTSRB/Final_Test/Images/00003.ppm").write_bytes(b"not an image"), "00003.ppm: unreadable"),
+    (lambda r: (r / "gtsrb/GTSRB/Final_Test/Images/00004.ppm").write_bytes(b""), "00004.ppm: empty file"),
+    (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Final_Test"), "00000.ppm: listed in .*GT-final_test.csv:2 but missing"),
+    (lambda r: (r / "gtsrb/GT-final_test.csv").unlink(), "test split missing"),
+    (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Training"), "train split missing"),
+    (lambda r: (r / "gtsrb/GTSRB/Training/00042").rename(r / "gtsrb/GTSRB/Training/00043"),
+     "00043: label 43 is outside 0..42"),
+    (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Training/00005"), r"no images for class\(es\) \[5\]"),
+    (lambda r: (r / "gtsrb/GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;57\n"),
+     "GT-final_test.csv:2: label 57 is outside 0..42"),
+    (lambda r: (r / "gtsrb/GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;stop\n"),
+     "label 'stop' is not an integer"),
+])
+def test_bad_input_is_named(gtsrb_copy, tmp_path, damage, message):
+    damage(gtsrb_copy)
+    with pytest.raises(IngestError, match=message):
+        ingest_dataset(str(gtsrb_copy), str(tmp_path / "raw"))
+    assert not (tmp_path / "raw").exists()
+
+
+def test_missing_dataset_without_download_says_how_to_point_at_a_copy(tmp_path):
+    with pytest.raises(IngestError, match="train split missing"):
+        ingest_dataset(str(tmp_path / "nowhere"), str(tmp_path / "raw"))
+
+
+def test_failed_download_explains_the_local_copy_option(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "GTSRB", offline)
+    with pytest.raises(IngestError, match="make local DATA_DIR=") as err:
+        ingest_dataset(str(tmp_path / "data"), str(tmp_path / "raw"), allow_download=True)
+    assert "name resolution" in str(err.value)
+
+
+def test_preprocess_stores_uint8_tensors_and_counts(prepared):
+    train, test = load_split(prepared, "train"), load_split(prepared, "test")
+    assert train["images"].shape == (NUM_CLASSES * 6, 3, 32, 32) and train["images"].dtype == torch.uint8
+    assert test["images"].shape == (NUM_CLASSES * 2, 3, 32, 32)
+    assert train["class_counts"].tolist() == [6] * NUM_CLASSES
+    assert test["class_counts"].tolist() == [2] * NUM_CLASSES
+    assert train["labels"][:6].tolist() == [0] * 6
+    assert train["tracks"].unique().numel() == NUM_CLASSES * 2   # tracks are global ids
+    assert train["images"].float().std() > 10                      # real pixels, not zeros
+
+
+def test_preprocess_matches_the_serving_transform(synthetic_root, prepared):
+    from PIL import Image
+
+    from components.model import to_uint8_32
+
+    with Image.open(synthetic_root / "gtsrb/GTSRB/Training/00000/00000_00000.ppm") as image:
+        expected = to_uint8_32(image)
+    assert torch.equal(load_split(prepared, "train")["images"][0], expected)
+
+
+def test_real_sample_ingests(sample_dir, tmp_path):
+    summary = ingest_dataset(str(sample_dir), str(tmp_path / "raw"))
+    assert summary["train_images"] == 1752 and summary["test_images"] == 817
+    preprocess_dataset(str(tmp_path / "raw"), str(tmp_path / "data"))
+    assert load_split(tmp_path / "data", "test")["class_counts"].sum() == 817
+
+
+def test_synthetic_generator_is_deterministic(tmp_path):
+    a, b = make_gtsrb(tmp_path / "a", seed=3), make_gtsrb(tmp_path / "b", seed=3)
+    name = "gtsrb/GTSRB/Training/00011/00001_00002.ppm"
+    assert (a / name).read_bytes() == (b / name).read_bytes()
