@@ -14,7 +14,7 @@ from components import images
 def ir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
     pipeline.compile_pipeline(str(path))
-    return yaml.safe_load(path.read_text())
+    return next(yaml.safe_load_all(path.read_text()))  # 1st document: the pipeline spec
 
 
 def _executor_images(ir) -> dict[str, str]:

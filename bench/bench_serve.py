@@ -1,0 +1,329 @@
+"""Serving benchmark: the KServe predictor vs two Flask baselines, same model, same request.
+
+    python -m bench.bench_serve [--summary runs/latest/summary.json | --model-dir DIR --backend NAME]
+                                [--image file.ppm] [--duration 10] [--concurrency 1,8] [--workers N]
+
+Servers, all on 127.0.0.1 (all three run; only the one being measured gets requests):
+- ``kserve``:   ``python -m components.predictor`` (kserve.ModelServer, N worker processes);
+- ``flask``:    a Flask app written and run the way the common ONNX+Flask tutorial ships it
+                (model loaded at import, ``app.run(threaded=True)`` development server);
+- ``gunicorn``: the same Flask app under gunicorn with N sync worker processes.
+The request is the V1 body ``{"instances": [{"image": {"b64": ...}}]}`` with one image. For each
+server and concurrency level, closed-loop clients (one asyncio process, keep-alive where the server
+allows it) send requests for a fixed total duration, split into interleaved rounds so that
+background load weighs on all three alike. Reported: req/s, p50, p99 and the server's CPU time
+per request; the last line is the req/s ratios at the highest concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import orjson
+
+from components.smoke import MODEL_NAME, free_port, predictor_command, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("kserve", "flask", "gunicorn")
+KSERVE_PATH = f"/v1/models/{MODEL_NAME}:predict"
+FLASK_PATH = "/predict"
+STARTUP_SECONDS = 120
+
+
+# --------------------------------------------------------------------------- the baseline app
+def flask_app():
+    """The tutorial's Flask app, serving the same artifact + backend with the same transforms.
+    Configured by BENCH_MODEL_DIR, BENCH_BACKEND and BENCH_THREADS (torch threads per process,
+    as for the KServe workers); gunicorn imports it as ``flask_app()``."""
+    import io
+
+    import torch
+    from flask import Flask, jsonify, request
+    from PIL import Image
+
+    from components import backends
+    from components.model import CLASS_NAMES, load_model_artifact, normalize, to_uint8_32
+    from components.runtime import set_threads
+
+    set_threads(int(os.environ["BENCH_THREADS"]))
+    model, card = load_model_artifact(os.environ["BENCH_MODEL_DIR"])
+    norm = card["normalization"]
+    run = backends.get(os.environ["BENCH_BACKEND"]).prepare(model, torch.zeros(1, 3, 32, 32))
+    app = Flask(__name__)
+
+    @app.route(FLASK_PATH, methods=["POST"])
+    def predict():
+        instance = request.get_json()["instances"][0]
+        image = Image.open(io.BytesIO(base64.b64decode(instance["image"]["b64"])))
+        x = normalize(to_uint8_32(image).unsqueeze(0), norm["mean"], norm["std"])
+        probabilities = torch.softmax(run(x), dim=1)[0]
+        class_id = int(probabilities.argmax())
+        return jsonify({"predictions": [{"class_id": class_id, "class_name": CLASS_NAMES[class_id],
+                                         "probability": float(probabilities[class_id])}]})
+
+    return app
+
+
+# --------------------------------------------------------------------------- load generator
+class HTTPClientError(RuntimeError):
+    pass
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """(status, keep-alive, body) of one HTTP/1.x response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    version, status = lines[0].split(" ", 2)[:2]
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+        body = b"".join(chunks)
+    else:
+        body, keep_alive = await reader.read(), False
+    return int(status), keep_alive, body
+
+
+async def _client(port: int, request: bytes, deadline: float, latencies: list[float], failures: list[str]):
+    reader = writer = None
+    try:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()          # a reconnect is part of that request's latency
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            status, keep_alive, body = await _read_response(reader)
+            latencies.append(time.perf_counter() - start)
+            if status != 200:
+                failures.append(f"HTTP {status}: {body[:200]!r}")
+            if not keep_alive:
+                writer.close()
+                await writer.wait_closed()
+                writer = None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def http_request(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
+
+
+def measure(port: int, request: bytes, concurrency: int, duration: float) -> tuple[list[float], float]:
+    """Closed loop: ``concurrency`` clients for ``duration`` seconds; (latencies in s, wall seconds)."""
+    import uvloop
+
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    async def run():
+        deadline = time.perf_counter() + duration
+        await asyncio.gather(*(_client(port, request, deadline, latencies, failures) for _ in range(concurrency)))
+
+    start = time.perf_counter()
+    uvloop.run(run())
+    wall = time.perf_counter() - start
+    if failures:
+        raise HTTPClientError(f"{len(failures)} of {len(latencies)} requests failed, first: {failures[0]}")
+    if not latencies:
+        raise HTTPClientError("no request completed")
+    return latencies, wall
+
+
+def summarize(latencies: list[float], wall: float, cpu_seconds: float) -> dict:
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "rps": len(ordered) / wall, "p50_ms": 1000 * percentile(ordered, 50),
+            "p99_ms": 1000 * percentile(ordered, 99), "cpu_ms": 1000 * cpu_seconds / len(ordered)}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the server's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:                      # exited meanwhile
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def post_once(port: int, path: str, body: bytes) -> dict:
+    """One request on a fresh connection; the decoded JSON answer (raises on non-200)."""
+    async def run():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(http_request(path, body))
+            return await _read_response(reader)
+        finally:
+            writer.close()
+
+    status, _, answer = asyncio.run(run())
+    if status != 200:
+        raise HTTPClientError(f"HTTP {status}: {answer[:300]!r}")
+    return json.loads(answer)
+
+
+# --------------------------------------------------------------------------- servers
+def server_command(name: str, port: int, model_dir: str, backend: str, workers: int) -> list[str]:
+    if name == "kserve":      # exactly what `make serve` and the InferenceService run
+        return predictor_command(model_dir, backend, port, workers)
+    if name == "flask":
+        return [sys.executable, "-m", "bench.bench_serve", "flask-dev-server", f"--port={port}"]
+    if name == "gunicorn":
+        return [sys.executable, "-m", "gunicorn", f"--workers={workers}", f"--bind=127.0.0.1:{port}",
+                "bench.bench_serve:flask_app()"]
+    raise ValueError(f"unknown server {name!r}; known: {', '.join(SERVERS)}")
+
+
+@contextmanager
+def running(name: str, port: int, model_dir: str, backend: str, workers: int, log_path: Path):
+    """Start one server, wait until it answers a real request, yield, always stop it."""
+    from components.runtime import cpu_count
+
+    processes = 1 if name == "flask" else workers       # torch threads: the CPUs shared by the processes
+    env = dict(os.environ, BENCH_MODEL_DIR=str(model_dir), BENCH_BACKEND=backend,
+               BENCH_THREADS=str(max(1, cpu_count() // processes)),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(server_command(name, port, model_dir, backend, workers), cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def wait_ready(process: subprocess.Popen, port: int, path: str, body: bytes, log_path: Path) -> dict:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-2000:]}")
+        try:
+            return post_once(port, path, body)
+        except (OSError, HTTPClientError, asyncio.IncompleteReadError):
+            time.sleep(0.5)
+    raise TimeoutError(f"server did not answer within {STARTUP_SECONDS}s; log:\n{log_path.read_text()[-2000:]}")
+
+
+def run_rounds(servers: dict, body: bytes, levels: list[int], duration: float, rounds: int) -> dict:
+    """Measure every (server, concurrency) for ``duration`` seconds in total, in ``rounds`` interleaved
+    slices, so background load that comes and goes during the run weighs on all three alike."""
+    slices = {(name, c): ([], 0.0, 0.0) for name in servers for c in levels}
+    for _ in range(rounds):
+        for name, (process, port, path) in servers.items():
+            for c in levels:
+                cpu = tree_cpu_seconds(process.pid)
+                latencies, wall = measure(port, http_request(path, body), c, duration / rounds)
+                kept, walls, cpus = slices[name, c]
+                slices[name, c] = (kept + latencies, walls + wall, cpus + tree_cpu_seconds(process.pid) - cpu)
+    return {name: {c: summarize(*slices[name, c]) for c in levels} for name in servers}
+
+
+def ratio_line(results: dict, concurrency: int) -> str:
+    def rps(name):
+        return results[name][concurrency]["rps"]
+
+    return (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
+            f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x")
+
+
+def report(results: dict, levels: list[int]) -> list[str]:
+    """The table (server CPU ms/request: its processes' CPU time per answered request) + the ratio line."""
+    lines = [f"{'server':<10}{'conc':>5}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}"]
+    for name, result in results.items():
+        for c in levels:
+            r = result[c]
+            lines.append(f"{name:<10}{c:>5}{r['requests']:>10}{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                         f"{r['cpu_ms']:>12.2f}")
+    lines.append(ratio_line(results, max(levels)))
+    return lines
+
+
+def model_from_summary(path: Path) -> tuple[str, str]:
+    summary = json.loads(path.read_text())
+    return summary["model"]["path"], summary["winner"]
+
+
+def default_image() -> Path:
+    sample = Path(os.environ.get("GTSRB_SAMPLE_DIR", ROOT.parent / "shared" / "gtsrb-sample"))
+    return sample / "gtsrb" / "GTSRB" / "Final_Test" / "Images" / "00000.ppm"
+
+
+def main(argv=None) -> int:
+    from components.runtime import cpu_count
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "flask-dev-server"])
+    parser.add_argument("--port", type=int, help="flask-dev-server: port on 127.0.0.1")
+    parser.add_argument("--summary", type=Path, default=ROOT / "runs" / "latest" / "summary.json",
+                        help="run-local summary naming the model and the winning backend")
+    parser.add_argument("--model-dir", help="model artifact directory (instead of --summary)")
+    parser.add_argument("--backend", help="backend (instead of the summary's winner)")
+    parser.add_argument("--image", type=Path, default=default_image(), help="the image every request carries")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per server and concurrency")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved slices the duration is split into")
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+    parser.add_argument("--workers", type=int, default=cpu_count(), help="KServe and gunicorn worker processes")
+    parser.add_argument("--log-dir", type=Path, default=ROOT / "runs" / "bench-serve", help="server logs")
+    args = parser.parse_args(argv)
+
+    if args.command == "flask-dev-server":     # how the tutorial runs it
+        flask_app().run(host="127.0.0.1", port=args.port, threaded=True)
+        return 0
+
+    model_dir, backend = args.model_dir, args.backend
+    if not (model_dir and backend):
+        if not args.summary.is_file():
+            parser.error(f"{args.summary} not found: run `make local` first or pass --model-dir and --backend")
+        summary_dir, winner = model_from_summary(args.summary)
+        model_dir, backend = model_dir or summary_dir, backend or winner
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    body = orjson.dumps({"instances": [{"image": {"b64": base64.b64encode(args.image.read_bytes()).decode()}}]})
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(f"bench-serve: model {model_dir}, backend {backend}, image {args.image.name} ({args.image.stat().st_size} "
+          f"bytes), {args.workers} workers, {args.duration:g}s per level, load average {load[0]:.2f} "
+          f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    with ExitStack() as stack:
+        servers, answers = {}, {}
+        for name in SERVERS:                 # all three up (idle ones use no CPU), then measured in turns
+            port, log_path = free_port(), args.log_dir / f"{name}.log"
+            path = KSERVE_PATH if name == "kserve" else FLASK_PATH
+            process = stack.enter_context(running(name, port, model_dir, backend, args.workers, log_path))
+            answers[name] = wait_ready(process, port, path, body, log_path)["predictions"][0]
+            print(f"{name}: answered {answers[name]}", flush=True)
+            measure(port, http_request(path, body), max(levels), 1.0)        # warm every worker
+            servers[name] = (process, port, path)
+        if len({a["class_id"] for a in answers.values()}) != 1:
+            raise SystemExit(f"servers disagree on the image's class: {answers}")
+        results = run_rounds(servers, body, levels, args.duration, args.rounds)
+    print("\n".join(report(results, levels)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Step 7 (deploy_target="kserve") — deploy: serve the winner as a KServe InferenceService.
+
+- :func:`render_inference_service` (pure): a ``serving.kserve.io/v1beta1`` InferenceService whose
+  predictor is the serving image as a custom container (``kserve-container``), with STORAGE_URI =
+  the model artifact in MinIO (KServe's storage-initializer copies it to /mnt/models using the S3
+  secret of the predictor's service account), the winning backend and the expected weights
+  sha256 as env, resource requests/limits (one server worker per CPU of the limit) and a
+  readiness probe on the model's V2 ready endpoint.
+- :func:`deploy_model`: checks that the storageUri holds the artifact being deployed (or uploads
+  a local artifact), creates or replaces the InferenceService (applying twice leaves one), waits
+  for Ready with a timeout (failing with the conditions and the predictor's last events), then
+  smoke-tests the predict URL against the same artifact in-process.
+
+KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...``; KServe reads ``s3://``
+(components.storage maps one to the other).
+"""
+
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kserve import ApiClient, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+from kserve.constants.constants import (
+    KSERVE_GROUP,
+    KSERVE_KIND_INFERENCESERVICE,
+    KSERVE_PLURAL_INFERENCESERVICE,
+    KSERVE_V1BETA1_VERSION,
+)
+from kubernetes.client import (
+    V1Container,
+    V1ContainerPort,
+    V1EnvVar,
+    V1HTTPGetAction,
+    V1ObjectMeta,
+    V1Probe,
+    V1ResourceRequirements,
+)
+from kubernetes.client.exceptions import ApiException
+
+from components import cluster
+from components.kfp_step import step
+
+GROUP, VERSION, PLURAL, KIND = (KSERVE_GROUP, KSERVE_V1BETA1_VERSION, KSERVE_PLURAL_INFERENCESERVICE,
+                               KSERVE_KIND_INFERENCESERVICE)
+CONTAINER_NAME = "kserve-container"     # KServe reads STORAGE_URI from the container of this name
+MODEL_MOUNT = "/mnt/models"             # where the storage-initializer puts the storageUri
+HTTP_PORT = 8080
+EVENTS_SHOWN = 10
+POLL_SECONDS = 5
+# KServe gives up on the model (no point waiting for Ready) in these transition states.
+FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+def _serve_image() -> str:
+    from components.images import image
+
+    return image("serve")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How the winner is served; defaults are components/cluster.py's names."""
+    name: str = cluster.INFERENCE_SERVICE
+    namespace: str = cluster.NAMESPACE
+    service_account: str = cluster.SERVICE_ACCOUNT
+    image: str = field(default_factory=_serve_image)
+    cpu_request: str = "1"
+    cpu_limit: int = 2                  # whole CPUs: the server runs one worker process per CPU
+    # The parent verifies and loads the model too, then each worker: 3 processes of torch + KServe
+    # (+ the ONNX exporter for ONNX backends), roughly 0.5-1 GiB each.
+    memory_request: str = "2Gi"
+    memory_limit: str = "3Gi"
+    max_batch: int = 64
+    min_replicas: int = 1
+    max_replicas: int = 1
+
+
+# --------------------------------------------------------------------------- render (pure)
+def render_inference_service(storage_uri: str, backend: str, weights_sha256: str, serving: Serving) -> dict:
+    """The InferenceService as the dict the Kubernetes API takes, built from KServe's typed models."""
+    if not storage_uri.startswith("s3://"):
+        raise ValueError(f"storageUri must be s3://..., got {storage_uri!r}")
+    if serving.cpu_limit < 1:
+        raise ValueError(f"cpu_limit must be a whole number of CPUs >= 1, got {serving.cpu_limit}")
+    container = V1Container(
+        name=CONTAINER_NAME,
+        image=serving.image,
+        command=["python", "-m", "components.predictor"],
+        args=[f"--model_name={serving.name}", f"--model_dir={MODEL_MOUNT}", f"--http_port={HTTP_PORT}",
+              f"--workers={serving.cpu_limit}"],
+        env=[V1EnvVar(name="STORAGE_URI", value=storage_uri),
+             V1EnvVar(name="GTSRB_BACKEND", value=backend),
+             V1EnvVar(name="GTSRB_WEIGHTS_SHA256", value=weights_sha256),
+             V1EnvVar(name="GTSRB_MAX_BATCH", value=str(serving.max_batch))],
+        ports=[V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
+        resources=V1ResourceRequirements(
+            requests={"cpu": serving.cpu_request, "memory": serving.memory_request},
+            limits={"cpu": str(serving.cpu_limit), "memory": serving.memory_limit}),
+        readiness_probe=V1Probe(
+            http_get=V1HTTPGetAction(path=f"/v2/models/{serving.name}/ready", port=HTTP_PORT),
+            initial_delay_seconds=5, period_seconds=5, timeout_seconds=3, failure_threshold=3),
+    )
+    isvc = V1beta1InferenceService(
+        api_version=f"{GROUP}/{VERSION}", kind=KIND,
+        metadata=V1ObjectMeta(
+            name=serving.name, namespace=serving.namespace,
+            labels={"app.kubernetes.io/name": serving.name, "app.kubernetes.io/part-of": "gtsrb",
+                    "gtsrb/backend": backend},
+            annotations={"gtsrb/weights-sha256": weights_sha256}),
+        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
+            service_account_name=serving.service_account, min_replicas=serving.min_replicas,
+            max_replicas=serving.max_replicas, containers=[container])),
+    )
+    return ApiClient().sanitize_for_serialization(isvc)
+
+
+# --------------------------------------------------------------------------- apply / wait
+def _api_call(what: str, call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except ApiException as e:
+        raise DeployError(f"{what}: HTTP {e.status} {e.reason}: {e.body}") from e
+
+
+def apply_inference_service(api, body: dict, attempts: int = 3) -> dict:
+    """Create ``body``, or replace the existing InferenceService of that name (idempotent)."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for _ in range(attempts):
+        try:
+            current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise DeployError(f"reading InferenceService {namespace}/{name}: HTTP {e.status} {e.reason}") from e
+            try:
+                return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            except ApiException as e:
+                if e.status == 409:           # created meanwhile: replace it on the next attempt
+                    continue
+                raise DeployError(f"creating InferenceService {namespace}/{name}: HTTP {e.status} {e.reason}: "
+                                  f"{e.body}") from e
+        desired = copy.deepcopy(body)
+        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        try:
+            return api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, desired)
+        except ApiException as e:
+            if e.status == 409:               # changed meanwhile: read it again
+                continue
+            raise DeployError(f"replacing InferenceService {namespace}/{name}: HTTP {e.status} {e.reason}: "
+                              f"{e.body}") from e
+    raise DeployError(f"InferenceService {namespace}/{name} kept changing; gave up after {attempts} attempts")
+
+
+def _condition(status: dict, kind: str) -> dict | None:
+    return next((c for c in status.get("conditions", []) if c.get("type") == kind), None)
+
+
+def recent_events(core, namespace: str, name: str, limit: int = EVENTS_SHOWN) -> list[str]:
+    """The last events of the InferenceService and its predictor's objects (pods, deployments, ...)."""
+    events = _api_call("listing events", core.list_namespaced_event, namespace).items
+    ours = [e for e in events if e.involved_object.name == name
+            or e.involved_object.name.startswith(f"{name}-predictor")]
+
+    def when(event):
+        stamp = event.last_timestamp or event.event_time or event.first_timestamp
+        return stamp.timestamp() if stamp else 0.0
+
+    return [f"{e.type} {e.reason} {e.involved_object.kind.lower()}/{e.involved_object.name}: {e.message}"
+            for e in sorted(ours, key=when)[-limit:]]
+
+
+def _not_ready_report(isvc: dict, core, namespace: str, name: str) -> str:
+    status = isvc.get("status", {})
+    conditions = "; ".join(f"{c.get('type')}={c.get('status')}"
+                           + (f" ({c.get('reason')}: {c.get('message')})" if c.get("message") else "")
+                           for c in status.get("conditions", [])) or "none reported yet"
+    failure = status.get("modelStatus", {}).get("lastFailureInfo")
+    events = recent_events(core, namespace, name)
+    return (f"conditions: {conditions}" + (f"; model failure: {failure}" if failure else "")
+            + "\nlast events of the predictor:\n" + ("\n".join(f"  {e}" for e in events) or "  (none)"))
+
+
+def wait_until_ready(api, core, namespace: str, name: str, timeout: float, poll: float = POLL_SECONDS,
+                     clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Poll until the InferenceService's current generation is Ready; DeployError with the
+    conditions and recent events on timeout or when KServe reports the model cannot load."""
+    deadline = clock() + timeout
+    while True:
+        isvc = _api_call(f"reading InferenceService {namespace}/{name}", api.get_namespaced_custom_object,
+                         GROUP, VERSION, namespace, PLURAL, name)
+        status = isvc.get("status", {})
+        current = status.get("observedGeneration", 0) >= isvc["metadata"].get("generation", 1)
+        ready = _condition(status, "Ready")
+        if current and ready and ready.get("status") == "True":
+            return isvc
+        transition = status.get("modelStatus", {}).get("transitionStatus")
+        if current and transition in FAILED_TRANSITIONS:
+            raise DeployError(f"InferenceService {namespace}/{name} failed ({transition}); "
+                              + _not_ready_report(isvc, core, namespace, name))
+        if clock() >= deadline:
+            raise DeployError(f"InferenceService {namespace}/{name} not Ready after {timeout:.0f}s; "
+                              + _not_ready_report(isvc, core, namespace, name))
+        sleep(poll)
+
+
+def service_url(isvc: dict) -> str:
+    """The predictor's in-cluster address (what a pipeline pod can reach), else its external URL."""
+    status = isvc.get("status", {})
+    url = status.get("address", {}).get("url") or status.get("url")
+    if not url:
+        raise DeployError(f"InferenceService {isvc['metadata']['name']} is Ready but reports no URL")
+    return url.rstrip("/")
+
+
+# --------------------------------------------------------------------------- storage
+def resolve_storage_uri(model_uri: str, model_dir: str, weights_sha256: str, client, bucket: str,
+                        prefix: str) -> str:
+    """The s3:// storageUri to serve: KFP's minio:// (or an s3://) artifact URI, after checking
+    that its model card names the same weights; or else (a local directory: a kfp.local artifact,
+    a serving bundle with calibration images) an upload to ``s3://bucket/prefix/``."""
+    from components import storage
+
+    if model_uri.startswith(storage.SCHEMES):
+        uri = storage.s3_prefix_uri(model_uri)
+        stored = storage.read_card(client, uri).get("weights_sha256")
+        if stored != weights_sha256:
+            raise DeployError(f"{uri} holds weights {stored}, not the deployed artifact's {weights_sha256}")
+        return uri
+    return storage.upload_artifact(client, model_dir, f"s3://{bucket}/{prefix}")["uri"]
+
+
+# --------------------------------------------------------------------------- deploy
+def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, storage_client,
+                 serving: Serving, timeout: float = 600, bucket: str = cluster.MINIO_BUCKET,
+                 smoke=None, **wait_options) -> dict:
+    """Deploy and check; returns the deployment record. ``smoke(url, model_dir, backend, name)``
+    defaults to components.smoke.check_endpoint."""
+    from components.model import load_model_artifact
+    from components.smoke import check_endpoint
+
+    _, card = load_model_artifact(model_dir)           # verifies the local copy's sha256
+    sha = card["weights_sha256"]
+    storage_uri = resolve_storage_uri(model_uri, model_dir, sha, storage_client, bucket,
+                                      f"models/{serving.name}/{sha}-{backend}")
+    body = render_inference_service(storage_uri, backend, sha, serving)
+    applied = apply_inference_service(custom_api, body)
+    print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
+          f"{applied['metadata'].get('generation')}), storageUri {storage_uri}, backend {backend}", flush=True)
+    isvc = wait_until_ready(custom_api, core_api, serving.namespace, serving.name, timeout, **wait_options)
+    url = service_url(isvc)
+    print(f"deploy: Ready at {url}; smoke-testing it", flush=True)
+    checked = (smoke or check_endpoint)(url, model_dir, backend, serving.name)
+    return {"name": serving.name, "namespace": serving.namespace, "url": url, "storage_uri": storage_uri,
+            "backend": backend, "weights_sha256": sha, "image": serving.image, "smoke": checked,
+            "predict_url": f"{url}/v1/models/{serving.name}:predict"}
+
+
+@step("deploy")
+def deploy(model: Input[Model], data: Input[Dataset], backend: str, deploy_target: str, serving_image: str,
+           namespace: str, name: str, timeout_seconds: int, record: Output[Artifact]) -> str:
+    """Serve the winner as a KServe InferenceService, wait for Ready, smoke-test it. ``serving_image``
+    is fixed when the pipeline is compiled (components.images), like every step's image; ``data``
+    supplies the calibration images when the winner needs them (int8). The pipeline runs this step
+    for every deploy_target but "local", so a misspelt target fails here instead of serving nothing."""
+    import json
+    import tempfile
+
+    if deploy_target != "kserve":
+        raise ValueError(f"deploy_target must be 'local' or 'kserve', got {deploy_target!r}")
+
+    from kubernetes import client, config
+
+    from components.cluster import MINIO_ENDPOINT
+    from components.deploy import Serving, deploy_model
+    from components.predictor import serving_bundle
+    from components.storage import client_from_env
+
+    config.load_incluster_config()
+    serving = Serving(name=name, namespace=namespace, image=serving_image)
+    with tempfile.TemporaryDirectory() as tmp:
+        served = serving_bundle(model.path, data.path, backend, f"{tmp}/model")
+        model_uri = model.uri if served == model.path else served      # a bundle is uploaded as a new artifact
+        outcome = deploy_model(model_uri, served, backend, client.CustomObjectsApi(), client.CoreV1Api(),
+                               client_from_env(MINIO_ENDPOINT), serving, timeout=timeout_seconds)
+    with open(record.path, "w") as f:
+        json.dump(outcome, f, indent=2)
+    record.metadata.update(url=outcome["url"], storage_uri=outcome["storage_uri"], backend=backend)
+    return outcome["predict_url"]

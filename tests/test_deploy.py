@@ -1,0 +1,436 @@
+"""The deploy step: the rendered InferenceService (pure; validated against KServe's typed models and
+the CRD's openAPIV3Schema), apply/wait against a fake Kubernetes API server on 127.0.0.1 driven
+through the real `kubernetes` client, the compiled pipeline IR, and deploy_model end to end with
+a real S3 server and a real predictor behind the "Ready" InferenceService."""
+
+import copy
+import json
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from components import cluster, deploy, storage
+from components.images import image
+from components.model import CARD_FILE, WEIGHTS_FILE, sha256_file
+from tests.s3server import s3_store
+
+SCHEMA = Path(__file__).parent / "schemas" / "inferenceservice-v1beta1.schema.json"
+SHA = "ab" * 32
+URI = "s3://mlpipeline/v2/artifacts/gtsrb-backends/run-1/train/123/model/"
+SERVING = deploy.Serving(image="registry.example/gtsrb-serve:test")
+
+
+# --------------------------------------------------------------------------- rendering
+def render(backend="onnxruntime", serving=SERVING):
+    return deploy.render_inference_service(URI, backend, SHA, serving)
+
+
+def strict(schema):
+    """Reject unknown fields (the API server's fieldValidation=Strict) wherever the CRD lists properties."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def validator():
+    schema = strict(json.loads(SCHEMA.read_text()))
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_render_is_a_pure_function_of_its_inputs():
+    assert render() == render()
+    assert render("eager") != render()
+    json.dumps(render())                                         # plain JSON types only
+
+
+def test_rendered_inference_service():
+    body = render()
+    assert body["apiVersion"] == "serving.kserve.io/v1beta1" and body["kind"] == "InferenceService"
+    assert body["metadata"]["name"] == cluster.INFERENCE_SERVICE
+    assert body["metadata"]["namespace"] == cluster.NAMESPACE
+    assert body["metadata"]["annotations"]["gtsrb/weights-sha256"] == SHA
+    predictor = body["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == cluster.SERVICE_ACCOUNT   # carries the MinIO S3 secret
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"                      # where KServe looks for STORAGE_URI
+    assert container["image"] == SERVING.image
+    assert container["command"] == ["python", "-m", "components.predictor"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"STORAGE_URI": URI, "GTSRB_BACKEND": "onnxruntime", "GTSRB_WEIGHTS_SHA256": SHA,
+                   "GTSRB_MAX_BATCH": "64"}
+    assert "--model_dir=/mnt/models" in container["args"] and "--workers=2" in container["args"]
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"},
+                                      "limits": {"cpu": "2", "memory": "3Gi"}}
+    assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe == {"path": f"/v2/models/{cluster.INFERENCE_SERVICE}/ready", "port": 8080}
+
+
+def test_render_rejects_what_kserve_cannot_download():
+    with pytest.raises(ValueError, match="s3://"):
+        deploy.render_inference_service("minio://mlpipeline/x/model", "eager", SHA, SERVING)
+    with pytest.raises(ValueError, match="cpu_limit"):
+        render(serving=deploy.Serving(image="x", cpu_limit=0))
+
+
+def test_rendered_object_validates_against_the_crd_schema(validator):
+    errors = sorted(validator.iter_errors(render()), key=str)
+    assert not errors, "\n".join(e.message for e in errors)
+
+
+def test_rendered_container_round_trips_through_the_kubernetes_typed_model():
+    """KServe's own deserializer does not know Kubernetes types, so the predictor container is
+    checked with the Kubernetes client's: every rendered field survives typing."""
+    (container,) = render()["spec"]["predictor"]["containers"]
+
+    class Response:
+        data = json.dumps(container)
+
+    typed = k8s.ApiClient().deserialize(Response(), "V1Container")
+    assert typed.readiness_probe.http_get.port == 8080 and typed.env[0].name == "STORAGE_URI"
+    assert k8s.ApiClient().sanitize_for_serialization(typed) == container
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b["spec"]["predictor"].update(storageURI=URI), "Additional properties"),
+    (lambda b: b["spec"]["predictor"].update(minReplicas="1"), "is not of type 'integer'"),
+    (lambda b: b["spec"]["predictor"]["containers"][0].pop("name"), "'name' is a required property"),
+    (lambda b: b["spec"]["predictor"]["containers"][0]["env"].append({"name": "X", "value": 1}), "not of type"),
+    (lambda b: b["spec"]["predictor"]["containers"][0]["resources"]["limits"].update(cpu=[2]),
+     "is not valid under any of the given schemas"),
+])
+def test_the_schema_check_catches_mistakes(validator, mutate, message):
+    body = render()
+    mutate(body)
+    assert any(message in e.message for e in validator.iter_errors(body))
+
+
+# --------------------------------------------------------------------------- the compiled pipeline
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    import pipeline
+
+    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    pipeline.compile_pipeline(str(path))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _task(ir, name):
+    spec, _ = ir
+    for component in spec["components"].values():
+        tasks = component.get("dag", {}).get("tasks", {})
+        if name in tasks:
+            return tasks[name], component
+    raise KeyError(name)
+
+
+def test_ir_smoke_tests_locally_and_deploys_otherwise(ir):
+    spec, _ = ir
+    assert spec["root"]["inputDefinitions"]["parameters"]["deploy_target"]["defaultValue"] == "local"
+    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+    conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()}
+    by_task = {next(iter(spec["components"][c]["dag"]["tasks"])): cond for c, cond in conditions.items()}
+    assert by_task == {"smoke": "inputs.parameter_values['pipelinechannel--deploy_target'] == 'local'",
+                       "deploy": "!(inputs.parameter_values['pipelinechannel--deploy_target'] == 'local')"}
+    task, _ = _task(ir, "deploy")
+    assert task["inputs"]["parameters"]["deploy_target"]["componentInputParameter"].endswith("deploy_target")
+
+
+def test_ir_deploy_task_gets_winner_image_secret_resources_and_timeout(ir):
+    spec, executors = ir
+    task, _ = _task(ir, "deploy")
+    params = task["inputs"]["parameters"]
+    assert params["serving_image"]["runtimeValue"]["constant"] == image("serve")
+    assert params["backend"]["componentInputParameter"].endswith("select-Output")   # select's return value
+    assert task["cachingOptions"] == {}                                             # caching off
+    container = spec["deploymentSpec"]["executors"]["exec-deploy"]["container"]
+    assert container["image"] == image("deploy")
+    resources = container["resources"]
+    assert resources["resourceCpuLimit"] == "2" and resources["resourceMemoryLimit"] == "2Gi"
+    platform = executors["exec-deploy"]
+    (secret,) = platform["secretAsEnv"]
+    assert secret["secretName"] == cluster.S3_SECRET and secret["optional"] is False
+    assert secret["keyToEnv"] == [{"secretKey": "AWS_ACCESS_KEY_ID", "envVar": "AWS_ACCESS_KEY_ID"},
+                                  {"secretKey": "AWS_SECRET_ACCESS_KEY", "envVar": "AWS_SECRET_ACCESS_KEY"}]
+    assert int(platform["activeDeadlineSeconds"]) > deploy_ready_seconds()
+    smoke_task, _ = _task(ir, "smoke")
+    assert spec["deploymentSpec"]["executors"]["exec-smoke"]["container"]["image"] == image("serve")
+    assert smoke_task["inputs"]["parameters"]["backend"]["componentInputParameter"].endswith("select-Output")
+
+
+def deploy_ready_seconds():
+    import pipeline
+
+    return pipeline.DEPLOY_READY_SECONDS
+
+
+# --------------------------------------------------------------------------- a fake Kubernetes API
+ISVC_PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/?]+))?")
+EVENTS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/events")
+
+
+class FakeCluster:
+    """InferenceServices and events in memory, with just enough API-server semantics: 404/409,
+    resourceVersion checks on replace, generation bumps on spec changes; its "controller" marks
+    an InferenceService Ready after ``ready_after`` reads when ``ready_url`` is set."""
+
+    def __init__(self):
+        self.objects, self.events, self.writes = {}, [], []
+        self.version, self.reads = 0, 0
+        self.ready_url, self.ready_after, self.transition = None, 2, None
+        self.lock = threading.Lock()
+
+    def _bump(self, obj):
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.reads = 0
+
+    def handle(self, method, path, body):
+        with self.lock:
+            events = EVENTS_PATH.match(path)
+            if events and method == "GET":
+                return 200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": self.events}
+            match = ISVC_PATH.match(path)
+            if not match:
+                return 404, status(404, f"no route {method} {path}")
+            namespace, name = match.groups()
+            key = (namespace, name or (body or {}).get("metadata", {}).get("name"))
+            current = self.objects.get(key)
+            if method == "GET" and name:
+                if current is None:
+                    return 404, status(404, f"inferenceservices {name} not found")
+                self.reads += 1
+                self._control(current)
+                return 200, current
+            if method == "POST":
+                if current is not None:
+                    return 409, status(409, "already exists")
+                obj = copy.deepcopy(body)
+                obj["metadata"].update(generation=1, uid=str(uuid.uuid4()))
+                obj["status"] = {}
+                self._bump(obj)
+                self.objects[key] = obj
+                self.writes.append(("create", key))
+                return 201, obj
+            if method == "PUT":
+                if current is None:
+                    return 404, status(404, "not found")
+                if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                    return 409, status(409, "the object has been modified")
+                obj = copy.deepcopy(body)
+                changed = obj["spec"] != current["spec"]
+                obj["metadata"].update(generation=current["metadata"]["generation"] + changed,
+                                       uid=current["metadata"]["uid"])
+                obj["status"] = current["status"]
+                self._bump(obj)
+                self.objects[key] = obj
+                self.writes.append(("replace", key))
+                return 200, obj
+            return 405, status(405, "method not allowed")
+
+    def _control(self, obj):
+        if self.transition:
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "modelStatus": {
+                "transitionStatus": self.transition, "lastFailureInfo": {"reason": "ModelLoadFailed",
+                                                                        "message": "sha256 mismatch"}},
+                "conditions": [{"type": "Ready", "status": "False", "reason": "PredictorNotReady"}]}
+        elif self.ready_url and self.reads >= self.ready_after:
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "url": "http://gtsrb.example",
+                             "address": {"url": self.ready_url},
+                             "conditions": [{"type": "PredictorReady", "status": "True"},
+                                            {"type": "Ready", "status": "True"}]}
+        else:
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "conditions": [
+                {"type": "Ready", "status": "False", "reason": "PredictorNotReady",
+                 "message": "Revision \"gtsrb-predictor-00001\" failed with message: back-off"}]}
+
+
+def status(code, message):
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
+
+
+def event(name, kind, reason, message, second, type_="Warning"):
+    return {"metadata": {"name": f"{name}.{second}", "namespace": cluster.NAMESPACE},
+            "involvedObject": {"kind": kind, "name": name, "namespace": cluster.NAMESPACE},
+            "reason": reason, "message": message, "type": type_,
+            "lastTimestamp": f"2026-01-01T00:00:{second:02d}Z"}
+
+
+@pytest.fixture
+def fake():
+    state = FakeCluster()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            code, answer = state.handle(self.command, self.path, body)
+            data = json.dumps(answer).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        configuration = k8s.Configuration()
+        configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+        api = k8s.ApiClient(configuration)
+        yield state, k8s.CustomObjectsApi(api), k8s.CoreV1Api(api)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class FakeClock:
+    """Deterministic time for wait_until_ready: every read advances one second."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1
+        return self.now
+
+
+def wait(custom, core, timeout=30):
+    return deploy.wait_until_ready(custom, core, cluster.NAMESPACE, cluster.INFERENCE_SERVICE, timeout, poll=0,
+                                   clock=FakeClock(), sleep=lambda s: None)
+
+
+def test_applying_twice_leaves_one_inference_service(fake):
+    state, custom, _ = fake
+    first = deploy.apply_inference_service(custom, render())
+    second = deploy.apply_inference_service(custom, render())
+    assert list(state.objects) == [(cluster.NAMESPACE, cluster.INFERENCE_SERVICE)]
+    assert [w[0] for w in state.writes] == ["create", "replace"]
+    assert second["metadata"]["generation"] == first["metadata"]["generation"] == 1     # same spec
+    assert int(second["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
+    third = deploy.apply_inference_service(custom, render("eager"))
+    assert third["metadata"]["generation"] == 2 and len(state.objects) == 1
+    env = {e["name"]: e["value"] for e in third["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["GTSRB_BACKEND"] == "eager"
+
+
+def test_wait_returns_the_ready_inference_service(fake):
+    state, custom, core = fake
+    state.ready_url, state.ready_after = "http://gtsrb-predictor.kubeflow.svc.cluster.local", 3
+    deploy.apply_inference_service(custom, render())
+    isvc = wait(custom, core)
+    assert state.reads == 3
+    assert deploy.service_url(isvc) == "http://gtsrb-predictor.kubeflow.svc.cluster.local"
+
+
+def test_wait_times_out_with_conditions_and_the_predictors_last_events(fake):
+    state, custom, core = fake
+    state.events = [event("gtsrb-predictor-5d9c-x2", "Pod", "BackOff", "Back-off restarting failed container", 9),
+                    event("other-app-7f", "Pod", "Failed", "not ours", 10),
+                    event(cluster.INFERENCE_SERVICE, "InferenceService", "InternalError", "fails to reconcile", 3),
+                    event("gtsrb-predictor-5d9c-x2", "Pod", "Pulled", "image pulled", 1, "Normal")]
+    deploy.apply_inference_service(custom, render())
+    with pytest.raises(deploy.DeployError) as error:
+        wait(custom, core, timeout=5)
+    message = str(error.value)
+    assert "not Ready after 5s" in message and "Ready=False (PredictorNotReady" in message
+    lines = message.splitlines()
+    assert lines[-3:] == ["  Normal Pulled pod/gtsrb-predictor-5d9c-x2: image pulled",
+                          "  Warning InternalError inferenceservice/gtsrb: fails to reconcile",
+                          "  Warning BackOff pod/gtsrb-predictor-5d9c-x2: Back-off restarting failed container"]
+    assert "not ours" not in message
+
+
+def test_wait_fails_at_once_when_kserve_cannot_load_the_model(fake):
+    state, custom, core = fake
+    state.transition = "BlockedByFailedLoad"
+    deploy.apply_inference_service(custom, render())
+    with pytest.raises(deploy.DeployError, match="failed \\(BlockedByFailedLoad\\).*sha256 mismatch"):
+        wait(custom, core, timeout=1000)
+    assert state.reads == 1
+
+
+def test_api_errors_name_the_operation(fake):
+    _, custom, core = fake
+    with pytest.raises(deploy.DeployError, match="reading InferenceService kubeflow/gtsrb: HTTP 404"):
+        wait(custom, core)
+
+
+# --------------------------------------------------------------------------- deploy_model end to end
+@pytest.fixture(scope="module")
+def store():
+    with s3_store(cluster.MINIO_BUCKET) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def predictor_url(trained_model):
+    """What the Ready InferenceService's address points at: the predictor serving the artifact."""
+    from components.smoke import local_predictor
+
+    with local_predictor(str(trained_model), "eager", workers=1) as served:
+        yield served.url
+
+
+@pytest.mark.slow
+def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predictor_url):
+    state, custom, core = fake
+    state.ready_url = predictor_url
+    kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
+    storage.upload_artifact(store, trained_model, kfp_uri)                # what KFP's launcher stored
+    record = None
+    for _ in range(2):                                                     # deploying twice leaves one
+        record = deploy.deploy_model(kfp_uri, str(trained_model), "eager", custom, core, store, SERVING,
+                                     timeout=60, poll=0, sleep=lambda s: None)
+    assert len(state.objects) == 1
+    assert record["storage_uri"] == storage.s3_prefix_uri(kfp_uri) and record["storage_uri"].startswith("s3://")
+    assert record["url"] == predictor_url
+    assert record["predict_url"] == f"{predictor_url}/v1/models/{cluster.INFERENCE_SERVICE}:predict"
+    assert record["smoke"]["max_probability_gap"] <= 1e-4 and "v2 BYTES" in record["smoke"]["checks"]
+    (isvc,) = state.objects.values()
+    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["STORAGE_URI"] == record["storage_uri"]
+    assert env["GTSRB_WEIGHTS_SHA256"] == sha256_file(trained_model / WEIGHTS_FILE) == record["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_deploy_model_uploads_a_local_artifact(fake, store, trained_model, predictor_url):
+    state, custom, core = fake
+    state.ready_url = predictor_url
+    record = deploy.deploy_model(str(trained_model), str(trained_model), "eager", custom, core, store, SERVING,
+                                 timeout=60, poll=0, sleep=lambda s: None)
+    sha = sha256_file(trained_model / WEIGHTS_FILE)
+    assert record["storage_uri"] == f"s3://{cluster.MINIO_BUCKET}/models/{cluster.INFERENCE_SERVICE}/{sha}-eager/"
+    keys = {o.object_name.rsplit("/", 1)[1] for o in storage.list_artifact(store, record["storage_uri"])}
+    assert keys == {WEIGHTS_FILE, CARD_FILE}
+
+
+def test_deploy_refuses_a_storage_uri_holding_other_weights(fake, store, trained_model):
+    _, custom, core = fake
+    kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
+    storage.upload_artifact(store, trained_model, kfp_uri)
+    with pytest.raises(deploy.DeployError, match="holds weights"):
+        deploy.resolve_storage_uri(kfp_uri, str(trained_model), "0" * 64, store, cluster.MINIO_BUCKET, "x")

@@ -1,0 +1,276 @@
+"""The KServe predictor in-process: artifact checks, the training transforms, V1/V2 answers, top-k,
+validation of every instance, and what a multi-worker server ships to its workers."""
+
+import base64
+import io
+import json
+import pickle
+import random
+import shutil
+
+import pytest
+import torch
+from fastapi import FastAPI
+from kserve import InferInput, InferRequest
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import RequestedOutput
+from PIL import Image
+
+from components import backends, predictor
+from components.model import CLASS_NAMES, WEIGHTS_FILE, ModelArtifactError, load_model_artifact, normalize, to_uint8_32
+from components.predictor import GTSRBModel
+from tests.synthetic import sign_image
+
+BACKEND = backends.REFERENCE
+
+
+@pytest.fixture(scope="module")
+def model(trained_model):
+    return GTSRBModel("gtsrb", str(trained_model), BACKEND, max_batch=4)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v1(*instances, **parameters) -> dict:
+    body = {"instances": list(instances)}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def image_instance(data: bytes) -> dict:
+    return {"image": {"b64": b64(data)}}
+
+
+def reference_logits(trained_model, images: list[Image.Image]) -> torch.Tensor:
+    """The training/evaluation path: to_uint8_32 -> normalize -> network."""
+    net, card = load_model_artifact(trained_model)
+    x = normalize(torch.stack([to_uint8_32(i) for i in images]), card["normalization"]["mean"],
+                  card["normalization"]["std"])
+    with torch.no_grad():
+        return net(x)
+
+
+# --------------------------------------------------------------------------- loading
+def test_refuses_weights_that_do_not_match_the_card(trained_model, tmp_path):
+    artifact = tmp_path / "model"
+    shutil.copytree(trained_model, artifact)
+    with open(artifact / WEIGHTS_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelArtifactError, match="does not match the model card"):
+        GTSRBModel("gtsrb", str(artifact), BACKEND)
+
+
+def test_refuses_an_artifact_other_than_the_expected_one(trained_model):
+    with pytest.raises(ModelArtifactError, match="not the expected"):
+        GTSRBModel("gtsrb", str(trained_model), BACKEND, expected_sha256="0" * 64)
+
+
+def test_refuses_an_unknown_backend(trained_model):
+    with pytest.raises(ValueError, match="unknown backend"):
+        GTSRBModel("gtsrb", str(trained_model), "no-such-backend")
+
+
+@pytest.mark.slow
+def test_every_available_backend_serves_what_it_computes_in_process(trained_model, prepared, tmp_path):
+    """The served answer is the registry backend's own output (int8: with the evaluate step's
+    calibration images, shipped by serving_bundle); fp32 backends all agree with eager."""
+    images = [encode(sign_image(label, random.Random(label)), "PNG") for label in (0, 14, 33)]
+    classes = {}
+    for name, spec in backends.BACKENDS.items():
+        if spec.unavailable():
+            continue
+        bundle = predictor.serving_bundle(trained_model, prepared, name, tmp_path / name)
+        served = GTSRBModel("gtsrb", bundle, name, max_batch=1)
+        batches = [served.preprocess(v1(image_instance(i))) for i in images]
+        answers = [served.predict(b)["predictions"][0] for b in batches]
+        net, _ = load_model_artifact(trained_model)
+        calibration = torch.load(f"{bundle}/{predictor.CALIBRATION_FILE}") if spec.needs_calibration else None
+        run = spec.prepare(net, torch.zeros(1, 3, 32, 32), calibration=calibration)
+        expected = [torch.softmax(run(b.x), dim=1)[0] for b in batches]
+        assert [a["class_id"] for a in answers] == [int(e.argmax()) for e in expected], name
+        assert [a["probability"] for a in answers] == pytest.approx([float(e.max()) for e in expected], abs=1e-5)
+        classes[name] = [a["class_id"] for a in answers]
+    fp32 = [n for n in classes if backends.get(n).precision == "fp32"]
+    assert len(fp32) >= 2 and all(classes[n] == classes[BACKEND] for n in fp32), classes
+
+
+def test_an_int8_backend_without_calibration_images_refuses_to_start(trained_model):
+    needing = [n for n, b in backends.BACKENDS.items() if b.needs_calibration]
+    if not needing:
+        pytest.skip("no registered backend needs calibration images")
+    with pytest.raises(ModelArtifactError, match="needs calibration images"):
+        GTSRBModel("gtsrb", str(trained_model), needing[0])
+
+
+def test_requests_are_padded_to_the_warmed_batch_buckets(model):
+    assert predictor.batch_buckets(4) == model.buckets == [1, 2, 4]
+    assert predictor.batch_buckets(1) == [1] and predictor.batch_buckets(6) == [1, 2, 4, 6]
+    seen = []
+    run = model._run
+    model._run = lambda x: (seen.append(len(x)), run(x))[1]
+    try:
+        one = [encode(sign_image(5, random.Random(5)), "PPM")]
+        three = model.predict(model.preprocess(v1(*(image_instance(one[0]) for _ in range(3)))))
+        single = model.predict(model.preprocess(v1(image_instance(one[0]))))
+    finally:
+        model._run = run
+    assert seen == [4, 1]
+    for prediction in three["predictions"]:                            # padding never leaks into answers
+        assert prediction["class_id"] == single["predictions"][0]["class_id"]
+        assert prediction["probability"] == pytest.approx(single["predictions"][0]["probability"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------- V1
+@pytest.mark.parametrize("fmt", ["PNG", "PPM", "JPEG"])
+def test_encoded_images_of_any_size_get_the_training_transform(model, trained_model, fmt):
+    rng = random.Random(7)
+    images = [sign_image(label, rng).resize(size) for label, size in ((3, (25, 31)), (14, (120, 90)), (40, (32, 32)))]
+    encoded = [encode(i, fmt) for i in images]
+    decoded = [Image.open(io.BytesIO(e)) for e in encoded]      # JPEG is lossy: compare with what was sent
+    answer = model.predict(model.preprocess(v1(*(image_instance(e) for e in encoded[:3]), top_k=3)))
+    probabilities = torch.softmax(reference_logits(trained_model, decoded), dim=1)
+    for prediction, expected in zip(answer["predictions"], probabilities, strict=True):
+        assert prediction["class_id"] == int(expected.argmax())
+        assert prediction["class_name"] == CLASS_NAMES[prediction["class_id"]]
+        assert prediction["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+        top = prediction["top_k"]
+        assert [t["class_id"] for t in top] == expected.topk(3).indices.tolist()
+        assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+
+
+def test_real_gtsrb_images_match_the_evaluation_path(model, trained_model, sample_dir):
+    files = sorted((sample_dir / "gtsrb" / "GTSRB" / "Final_Test" / "Images").glob("*.ppm"))[:4]
+    images = [Image.open(f) for f in files]
+    answer = model.predict(model.preprocess(v1(*(image_instance(f.read_bytes()) for f in files))))
+    expected = reference_logits(trained_model, images).argmax(1).tolist()
+    assert [p["class_id"] for p in answer["predictions"]] == expected
+
+
+def test_a_normalized_array_answers_like_its_image(model):
+    body = v1(image_instance(encode(sign_image(25, random.Random(1)), "PNG")))
+    batch = model.preprocess(body)
+    from_image = model.predict(batch)["predictions"][0]
+    from_array = model.predict(model.preprocess(v1(batch.x[0].tolist())))["predictions"][0]
+    assert from_array["class_id"] == from_image["class_id"]
+    assert from_array["probability"] == pytest.approx(from_image["probability"], abs=1e-6)
+
+
+def test_a_json_body_sent_with_another_content_type_is_parsed(model):
+    body = v1(image_instance(encode(sign_image(2, random.Random(2)), "PPM")))
+    assert model.predict(model.preprocess(json.dumps(body).encode())) == model.predict(model.preprocess(body))
+
+
+# --------------------------------------------------------------------------- V2
+def test_v2_bytes_and_fp32_inputs(model):
+    png = encode(sign_image(9, random.Random(3)), "PNG")
+    request = InferRequest("gtsrb", [InferInput("image", [2], "BYTES", [b64(png), b64(png)])], request_id="r1",
+                           parameters={"top_k": 2})
+    response = model.predict(model.preprocess(request))
+    outputs = {o.name: o for o in response.outputs}
+    assert response.id == "r1" and response.model_name == "gtsrb"
+    assert outputs["class_id"].shape == [2] and outputs["top_k_class_id"].shape == [2, 2]
+    assert outputs["class_name"].data == [CLASS_NAMES[c] for c in outputs["class_id"].data]
+    assert outputs["top_k_class_id"].data[0] == outputs["class_id"].data[0]
+    rest, _ = response.to_rest()
+    assert [o["name"] for o in rest["outputs"]] == list(predictor.V2_OUTPUTS)
+
+    x = model.preprocess(v1(image_instance(png))).x
+    request = InferRequest("gtsrb", [InferInput("input", [1, 3, 32, 32], "FP32", x.flatten().tolist())],
+                           request_outputs=[RequestedOutput("class_id"), RequestedOutput("probability")])
+    rest, _ = model.predict(model.preprocess(request)).to_rest()
+    assert [o["name"] for o in rest["outputs"]] == ["class_id", "probability"]     # only what was asked for
+    assert rest["outputs"][0]["data"] == outputs["class_id"].data[:1]
+    assert rest["outputs"][1]["data"][0] == pytest.approx(outputs["probability"].data[0], abs=1e-6)
+
+    request = v2(parameters={"binary_data_output": True})           # KServe's binary extension for outputs
+    raw, json_length = model.predict(model.preprocess(request)).to_rest()
+    header = json.loads(raw[:json_length])
+    assert [o["parameters"]["binary_data_size"] for o in header["outputs"]][:1] == [8]   # one INT64 class id
+
+
+# --------------------------------------------------------------------------- validation
+GOOD = b64(encode(sign_image(1, random.Random(0)), "PNG"))
+ZEROS = [[[0.0] * 32 for _ in range(32)] for _ in range(3)]
+
+
+def v2(name="image", datatype="BYTES", shape=(1,), data=(GOOD,), **request) -> InferRequest:
+    return InferRequest("gtsrb", [InferInput(name, list(shape), datatype, list(data))], **request)
+
+
+BAD_REQUESTS = {
+    "body is a list": ([1, 2], "JSON object"),
+    "body is not JSON": (b"{not json", "not JSON"),
+    "no instances": ({"inputs": []}, "missing key 'instances'"),
+    "unknown key": ({"instances": [], "instance": []}, "unknown key"),
+    "instances not a list": (v1() | {"instances": {"a": 1}}, "expected a list"),
+    "empty instances": (v1(), "no instances"),
+    "too many instances": (v1(*[{"image": {"b64": GOOD}}] * 5), "maximum batch of 4"),
+    "instance is a string": (v1("x"), "got str"),
+    "instance without image": (v1({"b64": GOOD}), "exactly the key 'image'"),
+    "image without b64": (v1({"image": {"bytes": GOOD}}), "expected {\"b64\""),
+    "b64 not a string": (v1({"image": {"b64": 12}}), "expected a base64 string"),
+    "b64 not base64": (v1({"image": {"b64": "%%%"}}), "not valid base64"),
+    "b64 empty": (v1({"image": {"b64": ""}}), "zero bytes"),
+    "not an image": (v1({"image": {"b64": b64(b"hello world")}}), "cannot decode image"),
+    "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
+    "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "format GIF"),
+    "too many pixels": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "limit"),
+    "array wrong shape": (v1([[[0.0] * 32] * 32] * 2), "is not [3, 32, 32]"),
+    "array ragged": (v1([[[0.0] * 32] * 32, [[0.0] * 31] * 32, [[0.0] * 32] * 32]), "rectangular"),
+    "array of strings": (v1([[["0"] * 32] * 32] * 3), "expected numbers"),
+    "array of booleans": (v1([[[True] * 32] * 32] * 3), "booleans"),
+    "array with NaN": (v1([[[float("nan")] * 32] * 32] * 3), "NaN"),
+    "top_k zero": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": 0}}, "top_k"),
+    "top_k string": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": "3"}}, "top_k"),
+    "unknown parameter": (v1({"image": {"b64": GOOD}}) | {"parameters": {"k": 3}}, "unknown parameter"),
+    "v1 binary outputs": (v1({"image": {"b64": GOOD}}) | {"parameters": {"binary_data_output": True}},
+                          "unknown parameter"),
+    "v2 binary flag not bool": (v2(parameters={"binary_data_output": "yes"}), "true or false"),
+    "v2 two inputs": (InferRequest("gtsrb", [InferInput("image", [1], "BYTES", [GOOD])] * 2), "exactly one input"),
+    "v2 unknown input": (v2(name="pixels"), "unknown input"),
+    "v2 wrong datatype": (v2(datatype="INT8"), "datatype INT8 is not BYTES"),
+    "v2 shape vs data": (v2(shape=(2,)), "does not match"),
+    "v2 bytes not string": (v2(data=(5,)), "expected a base64 string"),
+    "v2 fp32 shape": (v2("input", "FP32", (1, 3, 16, 16), [0.0] * 768), "is not [N, 3, 32, 32]"),
+    "v2 fp32 values": (v2("input", "FP32", (1, 3, 32, 32), [0.0] * 100), "do not fill shape"),
+    "v2 fp32 infinity": (v2("input", "FP32", (1, 3, 32, 32), [float("inf")] * 3072), "NaN or infinity"),
+    "v2 too many": (v2(shape=(5,), data=[GOOD] * 5), "maximum batch"),
+    "v2 unknown output": (v2(request_outputs=[RequestedOutput("logits")]), "unknown output"),
+}
+
+
+@pytest.mark.parametrize("payload, message", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_are_invalid_input_saying_what_is_wrong(model, payload, message):
+    with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("{", r"\{")):
+        model.preprocess(payload)
+
+
+# --------------------------------------------------------------------------- multi-worker shipping
+def test_workers_get_settings_not_weights_and_load_when_their_server_starts(model, monkeypatch):
+    app = FastAPI()
+    monkeypatch.setattr(predictor.model_server, "app", app)
+    shipped = pickle.dumps(model)
+    assert len(shipped) < 10_000                          # no tensors, no prepared backend
+    worker = pickle.loads(shipped)
+    assert worker.ready is False and not hasattr(worker, "_run")
+    assert worker.load in app.router.on_startup           # loads (and verifies) at server start
+    assert any(m.cls is predictor.RequestGuard for m in app.user_middleware)
+    worker.load()
+    body = v1(image_instance(base64.b64decode(GOOD)))
+    assert worker.ready and worker.predict(worker.preprocess(body)) == model.predict(model.preprocess(body))
+
+
+def test_quiet_logging_drops_only_the_per_request_lines():
+    quiet, verbose = predictor.logging_config(False), predictor.logging_config(True)
+    assert quiet["loggers"]["uvicorn.access"]["level"] == quiet["loggers"]["kserve.trace"]["level"] == "WARNING"
+    assert verbose["loggers"]["uvicorn.access"]["level"] == "INFO"
+    assert quiet["loggers"]["kserve"] == verbose["loggers"]["kserve"]

@@ -1,0 +1,202 @@
+"""The predictor as a real server process (kserve.ModelServer, 2 worker processes) on 127.0.0.1:
+health, metrics, V1/V2 answers equal to the artifact in-process, and a suite of bad requests that
+must all be 4xx with a message, after which a good request still succeeds."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+from PIL import Image
+
+from components import backends
+from components.model import WEIGHTS_FILE
+from components.predictor import GTSRBModel
+from components.smoke import check_endpoint, free_port, local_predictor, predictor_command, sample_images
+
+pytestmark = pytest.mark.slow
+MODEL = "gtsrb"
+MAX_BATCH = 8
+MAX_BODY = 256 * 1024
+BACKEND = backends.REFERENCE
+
+
+@pytest.fixture(scope="module")
+def server(trained_model):
+    """One predictor process for the module: 2 workers, small limits so the suite can hit them."""
+    limits = (f"--max_batch={MAX_BATCH}", f"--max_body_bytes={MAX_BODY}")
+    with local_predictor(str(trained_model), BACKEND, workers=2, extra_args=limits) as served:
+        yield served
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def good_v1() -> dict:
+    return {"instances": [{"image": {"b64": b64(sample_images()[0])}}]}
+
+
+def test_health_readiness_metadata_and_metrics(server):
+    base = server.url
+    assert requests.get(f"{base}/", timeout=5).json() == {"status": "alive"}
+    assert requests.get(f"{base}/v2/health/live", timeout=5).json() == {"live": True}
+    assert requests.get(f"{base}/v2/health/ready", timeout=5).json() == {"ready": True}
+    assert requests.get(f"{base}/v1/models/{MODEL}", timeout=5).json() == {"name": MODEL, "ready": True}
+    metadata = requests.get(f"{base}/v2/models/{MODEL}", timeout=5).json()
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "input": "FP32"}
+    # Each worker process keeps its own Prometheus registry (KServe's /metrics is per process):
+    # new connections spread over both workers, so after a few requests either one has counted.
+    for _ in range(12):
+        response = requests.post(f"{base}/v1/models/{MODEL}:predict", json=good_v1(), timeout=30,
+                                 headers={"Connection": "close"})
+        assert response.status_code == 200
+    metrics = requests.get(f"{base}/metrics", timeout=5, headers={"Connection": "close"})
+    assert metrics.status_code == 200
+    counts = [line for line in metrics.text.splitlines()
+              if line.startswith(f'request_predict_seconds_count{{model_name="{MODEL}"}}')]
+    assert counts and float(counts[0].split()[-1]) >= 1, metrics.text[-2000:]
+
+
+def test_v1_and_v2_answers_equal_the_artifact_in_process(server, trained_model):
+    result = check_endpoint(server.url, str(trained_model), BACKEND)
+    assert result["checks"] == ["v1 array", "v1 images", "v2 BYTES", "v2 FP32", "v1 bad request -> 400"]
+    assert result["max_probability_gap"] <= 1e-4
+
+
+def test_real_gtsrb_images(server, trained_model, sample_dir):
+    files = sorted((sample_dir / "gtsrb" / "GTSRB" / "Final_Test" / "Images").glob("*.ppm"))[:MAX_BATCH]
+    body = {"instances": [{"image": {"b64": b64(f.read_bytes())}} for f in files]}
+    served = requests.post(f"{server.url}/v1/models/{MODEL}:predict", json=body, timeout=30).json()
+    local = GTSRBModel(MODEL, str(trained_model), BACKEND, max_batch=MAX_BATCH)
+    expected = local.predict(local.preprocess(body))
+    assert [p["class_id"] for p in served["predictions"]] == [p["class_id"] for p in expected["predictions"]]
+
+
+# --------------------------------------------------------------------------- bad input
+def png(size=(40, 40), mode="RGB", noise=False) -> bytes:
+    buffer = io.BytesIO()
+    (Image.effect_noise(size, 64) if noise else Image.new(mode, size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD = b64(png())
+V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
+JSON = {"Content-Type": "application/json"}
+
+
+def v2(name="image", datatype="BYTES", shape=(1,), data=(GOOD,), **extra) -> dict:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(shape), "data": list(data)}], **extra}
+
+
+def image(b64_value) -> dict:
+    return {"instances": [{"image": {"b64": b64_value}}]}
+
+
+# name: (method, path, body bytes or JSON, extra headers, expected status, text the error must contain)
+BAD = {
+    "v1 body not JSON": ("POST", V1, b"{instances:", JSON, 400, "Unrecognized request format"),
+    "v1 body not JSON, text/plain": ("POST", V1, b"hello", {"Content-Type": "text/plain"}, 400, "not JSON"),
+    "v1 empty body": ("POST", V1, b"", JSON, 400, "Unrecognized request format"),
+    "v1 body is a list": ("POST", V1, [1, 2, 3], {}, 400, "JSON object"),
+    "v1 missing instances": ("POST", V1, {"inputs": [GOOD]}, {}, 400, "missing key 'instances'"),
+    "v1 instances not a list": ("POST", V1, {"instances": "abc"}, {}, 400, "expected a list"),
+    "v1 empty instances": ("POST", V1, {"instances": []}, {}, 400, "no instances"),
+    "v1 too many instances": ("POST", V1, {"instances": [{"image": {"b64": GOOD}}] * (MAX_BATCH + 1)}, {}, 400,
+                              f"maximum batch of {MAX_BATCH}"),
+    "v1 instance is a number": ("POST", V1, {"instances": [7]}, {}, 400, "got int"),
+    "v1 missing image key": ("POST", V1, {"instances": [{"img": {"b64": GOOD}}]}, {}, 400, "the key 'image'"),
+    "v1 missing b64 key": ("POST", V1, {"instances": [{"image": GOOD}]}, {}, 400, "b64"),
+    "v1 b64 not a string": ("POST", V1, image(["x"]), {}, 400, "base64 string"),
+    "v1 b64 invalid": ("POST", V1, image("not*base64!"), {}, 400, "not valid base64"),
+    "v1 zero-size image": ("POST", V1, image(""), {}, 400, "zero bytes"),
+    "v1 undecodable image": ("POST", V1, image(b64(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)), {}, 400,
+                             "cannot decode image"),
+    "v1 truncated image": ("POST", V1, image(b64(png((200, 200), noise=True)[:20000])), {}, 400, "cannot decode image"),
+    "v1 unsupported format": ("POST", V1, image(b64(b"GIF89a" + b"\0" * 64)), {}, 400, "image"),
+    "v1 image too many pixels": ("POST", V1, image(b64(png((5000, 4000), "1"))), {}, 400, "limit"),
+    "v1 array wrong shape": ("POST", V1, {"instances": [[[0.0] * 32] * 32]}, {}, 400, "is not [3, 32, 32]"),
+    "v1 array ragged": ("POST", V1, {"instances": [[[[0.0] * 32] * 32, [[0.0] * 32] * 31, [[0.0] * 32] * 32]]},
+                        {}, 400, "rectangular"),
+    "v1 array strings": ("POST", V1, {"instances": [[[["a"] * 32] * 32] * 3]}, {}, 400, "expected numbers"),
+    "v1 array booleans": ("POST", V1, {"instances": [[[True] * 32] * 32] * 3}, {}, 400, "booleans"),
+    "v1 array NaN literal": ("POST", V1, b'{"instances": [[[NaN]]]}', JSON, 400, "Unrecognized request format"),
+    "v1 array too large number": ("POST", V1, b'{"instances": [[[1e999]]]}', JSON, 400, "infinity"),
+    "v1 top_k out of range": ("POST", V1, {**image(GOOD), "parameters": {"top_k": 99}}, {}, 400, "top_k"),
+    "v1 oversized payload": ("POST", V1, image("A" * (MAX_BODY + 1)), {}, 413, "exceeds the limit"),
+    "v1 oversized chunked payload": ("POST", V1, iter([b'{"instances": "' + b"A" * MAX_BODY, b'"}']), JSON, 413,
+                                     "exceeds the limit"),
+    "v2 body not JSON": ("POST", V2, b"inputs", JSON, 422, "json"),
+    "v2 missing inputs": ("POST", V2, {"id": "1"}, {}, 422, "inputs"),
+    "v2 input missing shape": ("POST", V2, {"inputs": [{"name": "image", "datatype": "BYTES", "data": [GOOD]}]},
+                               {}, 422, "shape"),
+    "v2 two inputs": ("POST", V2, {"inputs": v2()["inputs"] * 2}, {}, 400, "exactly one input"),
+    "v2 unknown input name": ("POST", V2, v2(name="pixels"), {}, 400, "unknown input"),
+    "v2 wrong datatype": ("POST", V2, v2(datatype="UINT8"), {}, 400, "datatype UINT8 is not BYTES"),
+    "v2 shape mismatch": ("POST", V2, v2(shape=(3,)), {}, 400, "does not match"),
+    "v2 bytes not strings": ("POST", V2, v2(data=(1.5,)), {}, 400, "base64 string"),
+    "v2 fp32 wrong shape": ("POST", V2, v2("input", "FP32", (1, 32, 32), [0.0] * 1024), {}, 400, "is not [N, 3"),
+    "v2 fp32 too few values": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), [0.0] * 10), {}, 400,
+                               "do not fill shape"),
+    "v2 fp32 NaN": ("POST", V2, json.dumps(v2("input", "FP32", (1, 3, 32, 32), [float("nan")] * 3072)).encode(),
+                    JSON, 400, "NaN or infinity"),
+    "v2 fp32 strings": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), ["0.5"] * 3072), {}, 400,
+                        "expected numbers"),
+    "v2 too many images": ("POST", V2, v2(shape=(MAX_BATCH + 1,), data=[GOOD] * (MAX_BATCH + 1)), {}, 400,
+                           "maximum batch"),
+    "v2 unknown output": ("POST", V2, v2(outputs=[{"name": "logits"}]), {}, 400, "unknown output"),
+    "v2 binary tensor extension": ("POST", V2, b"{}", {**JSON, "Inference-Header-Content-Length": "x"}, 415,
+                                   "binary tensor extension"),
+    "unknown model": ("POST", "/v1/models/nope:predict", good_v1(), {}, 404, "nope"),
+    "wrong method": ("PUT", V2, v2(), {}, 405, "Method Not Allowed"),
+    "GET on :predict": ("GET", V1, None, {}, 404, "does not exist"),
+}
+
+
+def send(base: str, method: str, path: str, body, headers: dict) -> requests.Response:
+    if isinstance(body, (dict, list)):
+        return requests.request(method, base + path, json=body, headers=headers, timeout=30)
+    return requests.request(method, base + path, data=body, headers=headers, timeout=30)
+
+
+def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
+    assert len(BAD) >= 25
+    statuses = {}
+    for name, (method, path, body, headers, status, text) in BAD.items():
+        response = send(server.url, method, path, body, headers)
+        statuses[name] = response.status_code
+        assert response.status_code == status, f"{name}: {response.status_code} {response.text[:300]}"
+        message = json.dumps(response.json())
+        assert text.lower() in message.lower(), f"{name}: {message[:300]}"
+    assert all(400 <= s < 500 for s in statuses.values())
+    print(f"\nbad-input suite: {len(statuses)} requests, statuses {sorted(set(statuses.values()))}, "
+          f"{sum(s >= 500 for s in statuses.values())} 5xx")
+    assert server.process.poll() is None
+    good = requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30)
+    assert good.status_code == 200 and 0 <= good.json()["predictions"][0]["class_id"] < 43
+    log = server.log.read_text()        # KServe logs each 400 with its traceback; nothing reached a 500 path
+    assert "generic_exception_handler" not in log and "Exception in ASGI application" not in log
+
+
+def test_the_server_refuses_to_start_on_weights_that_do_not_match_the_card(trained_model, tmp_path):
+    artifact = tmp_path / "model"
+    shutil.copytree(trained_model, artifact)
+    with open(artifact / WEIGHTS_FILE, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    done = subprocess.run(predictor_command(str(artifact), BACKEND, free_port()), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "does not match the model card" in done.stderr and "refusing to serve" in done.stderr
+
+
+def test_the_server_requires_a_backend(trained_model):
+    env = {k: v for k, v in os.environ.items() if k != "GTSRB_BACKEND"}
+    done = subprocess.run([sys.executable, "-m", "components.predictor", f"--model_dir={trained_model}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "--backend" in done.stderr
