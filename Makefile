@@ -37,3 +37,121 @@ compile: ## compile the pipeline to pipeline.yaml (KFP IR)
 test: ## lint + the whole test suite (uses $(SAMPLE_DIR) where real images are needed)
 	$(PYTHON) -m ruff check components tests bench pipeline.py
 	GTSRB_SAMPLE_DIR=$(SAMPLE_DIR) $(PYTHON) -m pytest -q
+
+.PHONY: bench
+bench: ## every inference backend side by side on the default model (no pipeline); last line: winner + roofline gaps (BACKENDS=a,b)
+	$(PYTHON) -m bench.bench --run-dir $(OUTPUT_DIR) --sample-dir $(SAMPLE_DIR) $(if $(BACKENDS),--backends $(BACKENDS))
+
+# Serving the latest run-local output ($(OUTPUT_DIR)/summary.json: model path + winning backend).
+SERVE_PORT ?= 8090
+BENCH_DURATION ?= 10
+
+.PHONY: serve
+serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on port SERVE_PORT=8090)
+	$(PYTHON) -m components.predictor --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT)
+
+.PHONY: predict
+predict: ## send one image to `make serve` on 127.0.0.1 and print the answer (IMG=path.ppm)
+	$(if $(IMG),,$(error IMG is required: make predict IMG=path/to/image.ppm))
+	$(PYTHON) -m components.smoke predict $(IMG) --url http://127.0.0.1:$(SERVE_PORT)
+
+.PHONY: bench-serve
+bench-serve: ## KServe predictor vs Flask dev server vs gunicorn on loopback, same model + request (BENCH_DURATION=s)
+	GTSRB_SAMPLE_DIR=$(SAMPLE_DIR) $(PYTHON) -m bench.bench_serve --summary $(OUTPUT_DIR)/summary.json \
+		--duration $(BENCH_DURATION)
+
+# ================================================================================================
+# cluster: the same pipeline on Kubernetes: kind + Kubeflow Pipelines 2.17 + KServe 0.21.
+# `make pipeline` runs cluster -> images -> load -> kfp -> kserve, then submits the run; every step
+# skips what already exists. Needs docker (BuildKit/buildx), kind v0.32+, kubectl, git (kustomize's
+# remote bases). `make -n pipeline` prints the whole sequence without running it.
+# ================================================================================================
+KIND ?= kind
+DOCKER ?= docker
+KIND_CLUSTER := gtsrb
+# Every kubectl call names the kind cluster's context: these targets never touch another cluster.
+KUBECTL ?= kubectl --context kind-$(KIND_CLUSTER)
+# Same names as components/cluster.py (tests/test_cluster_consistency.py checks them).
+NAMESPACE := kubeflow
+INFERENCE_SERVICE := gtsrb
+KFP_API_PORT ?= 8888
+KFP_UI_PORT ?= 8080
+S3_PORT ?= 9000
+ENDPOINT_PORT ?= 8085
+CLUSTER_OUTPUT ?= runs/cluster
+RUN_TIMEOUT ?= 5400
+# More pipeline arguments for `make pipeline`, e.g. PIPELINE_ARGS='--arg backends=["eager","onnx"]'.
+PIPELINE_ARGS ?=
+HOST_ARCH := $(shell uname -m)
+PLATFORM ?= linux/$(if $(filter x86_64 amd64,$(HOST_ARCH)),amd64,arm64)
+# KFP's MLMD server is amd64-only: on arm64 hosts it runs under qemu (manifests/components/kfp-v2-arm64).
+EMULATE_AMD64 ?= $(if $(filter aarch64 arm64,$(HOST_ARCH)),yes,)
+GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# The kubelet pulls `:latest` from the registry again (imagePullPolicy Always), so the images kind
+# loads carry another tag: IMAGE_TAG, or `dev` when IMAGE_TAG is latest.
+CLUSTER_TAG := $(if $(filter latest,$(IMAGE_TAG)),dev,$(IMAGE_TAG))
+cluster_image = $(IMAGE_REGISTRY)/$(IMAGE_PREFIX)$(1):$(CLUSTER_TAG)
+STEP_IMAGES := $(filter-out base,$(STEPS))
+S3_CREDENTIAL = $$($(KUBECTL) -n $(NAMESPACE) get secret mlpipeline-minio-artifact -o jsonpath='{.data.$(1)}' | base64 -d)
+
+.PHONY: cluster images image-base $(addprefix image-,$(STEP_IMAGES)) load kfp kserve pipeline ui endpoint clean
+
+cluster: ## create the kind cluster from kind-config.yaml (skipped when it exists)
+	$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || $(KIND) create cluster --name $(KIND_CLUSTER) --config kind-config.yaml --wait 3m
+
+images: image-base $(addprefix image-,$(STEP_IMAGES)) ## build every image with docker buildx for PLATFORM (tag CLUSTER_TAG)
+
+image-base:
+	$(DOCKER) buildx build --platform $(PLATFORM) --load -f images/base/Dockerfile \
+		--build-arg BASE_PYTHON=$(BASE_PYTHON) --build-arg VERSION=$(CLUSTER_TAG) --build-arg REVISION=$(GIT_REVISION) \
+		-t $(call cluster_image,base) .
+
+$(addprefix image-,$(STEP_IMAGES)): image-%: image-base
+	$(DOCKER) buildx build --platform $(PLATFORM) --load --build-arg BASE_IMAGE=$(call cluster_image,base) \
+		-t $(call cluster_image,$*) images/$*
+
+load: cluster images ## load the step images into the kind node (kind skips the ones already there)
+	$(KIND) load docker-image --name $(KIND_CLUSTER) $(foreach s,$(STEP_IMAGES),$(call cluster_image,$(s)))
+
+kfp: cluster ## install Kubeflow Pipelines 2.17 (standalone) and our RBAC/secret/service account; wait for it
+	$(if $(EMULATE_AMD64),$(DOCKER) run --privileged --rm $(BINFMT_IMAGE) --install amd64,: amd64 host: MLMD runs natively)
+	$(KUBECTL) apply -k manifests/kfp/cluster-scoped
+	$(KUBECTL) wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+	$(KUBECTL) apply -k manifests/kfp
+	$(KUBECTL) apply -k manifests/gtsrb
+	$(KUBECTL) -n $(NAMESPACE) wait --for=condition=Available deployment -l application-crd-id=kubeflow-pipelines --timeout=20m
+
+kserve: cluster ## install cert-manager and KServe 0.21 in Standard mode; wait for them
+	$(KUBECTL) apply -k manifests/cert-manager
+	$(KUBECTL) -n cert-manager wait --for=condition=Available deployment --all --timeout=5m
+	# First pass may fail on KServe's own custom resources (CRD or webhook not up yet); the second may not.
+	$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve || true
+	$(KUBECTL) -n kserve wait --for=condition=Available deployment/kserve-controller-manager --timeout=10m
+	$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve
+
+pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT
+	mkdir -p $(CLUSTER_OUTPUT)
+	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline $(KFP_API_PORT):8888 > $(CLUSTER_OUTPUT)/port-forward-api.log 2>&1 & api=$$!; \
+	$(KUBECTL) -n $(NAMESPACE) port-forward svc/minio-service $(S3_PORT):9000 > $(CLUSTER_OUTPUT)/port-forward-s3.log 2>&1 & s3=$$!; \
+	trap 'kill $$api $$s3' EXIT; \
+	AWS_ACCESS_KEY_ID=$(call S3_CREDENTIAL,accesskey) AWS_SECRET_ACCESS_KEY=$(call S3_CREDENTIAL,secretkey) \
+	IMAGE_TAG=$(CLUSTER_TAG) $(PYTHON) pipeline.py submit --host http://127.0.0.1:$(KFP_API_PORT) \
+		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) --timeout $(RUN_TIMEOUT) \
+		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
+		--arg epochs=$(EPOCHS) --arg deploy_target=kserve $(PIPELINE_ARGS)
+
+ui: ## port-forward the KFP UI to http://localhost:8080 (KFP_UI_PORT; Ctrl-C stops it)
+	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline-ui $(KFP_UI_PORT):80
+
+endpoint: ## smoke-test the InferenceService: wait until Ready, then one V1 prediction through a port-forward
+	$(KUBECTL) -n $(NAMESPACE) wait --for=condition=Ready inferenceservice/$(INFERENCE_SERVICE) --timeout=10m
+	$(KUBECTL) -n $(NAMESPACE) port-forward svc/$(INFERENCE_SERVICE)-predictor $(ENDPOINT_PORT):80 > /dev/null 2>&1 & pf=$$!; \
+	trap 'kill $$pf' EXIT; \
+	curl -fsS --retry 30 --retry-connrefused --retry-delay 2 http://127.0.0.1:$(ENDPOINT_PORT)/v1/models/$(INFERENCE_SERVICE); echo; \
+	$(PYTHON) -c 'import base64, io, json; from PIL import Image; b = io.BytesIO(); Image.new("RGB", (48, 48), (200, 30, 30)).save(b, "PNG"); print(json.dumps({"instances": [{"image": {"b64": base64.b64encode(b.getvalue()).decode()}}], "parameters": {"top_k": 3}}))' \
+	| curl -fsS -H 'Content-Type: application/json' --data-binary @- http://127.0.0.1:$(ENDPOINT_PORT)/v1/models/$(INFERENCE_SERVICE):predict \
+	| $(PYTHON) -c 'import json, sys; p = json.load(sys.stdin)["predictions"][0]; print("prediction:", p["class_id"], p["class_name"], round(p["probability"], 3))'
+
+clean: ## delete the kind cluster and CLUSTER_OUTPUT
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+	rm -rf $(CLUSTER_OUTPUT)

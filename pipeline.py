@@ -16,14 +16,18 @@ import time
 import warnings
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
+from components import cluster
 from components.backends import BACKENDS
+from components.deploy import deploy
 from components.evaluate import evaluate
+from components.images import image
 from components.ingest import ingest
 from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
 from components.selection import select
+from components.smoke import smoke
 from components.train import train
 
 ROOT = Path(__file__).resolve().parent
@@ -32,6 +36,8 @@ DEFAULT_EPOCHS = 15
 # Latency is only comparable when backends do not race for the same cores: evaluate one
 # backend at a time. Raise on a cluster whose nodes give each task its own cores.
 EVAL_PARALLELISM = 1
+# deploy_target="kserve": how long the deploy step waits for the InferenceService to be Ready.
+DEPLOY_READY_SECONDS = 900
 
 
 @dsl.pipeline(name="gtsrb-backends", description="Train a GTSRB traffic-sign CNN, benchmark PyTorch "
@@ -39,7 +45,9 @@ EVAL_PARALLELISM = 1
 def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: str = DEFAULT_ARCH,
                    epochs: int = DEFAULT_EPOCHS, seed: int = 0, backends: list = DEFAULT_BACKENDS,
                    accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
-                   serving_batch: int = 1) -> dsl.Artifact:
+                   serving_batch: int = 1, deploy_target: str = "local") -> dsl.Artifact:
+    """deploy_target "local": serve the winner with the KServe predictor inside the last task and
+    smoke-test it; "kserve": deploy it as the cluster's InferenceService (components/deploy.py)."""
     raw = ingest(data_dir=data_dir, allow_download=allow_download)
     data = preprocess(raw=raw.outputs["raw"])
     trained = train(data=data.outputs["data"], arch=arch, epochs=epochs, seed=seed)
@@ -48,6 +56,20 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
     chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]), model=trained.outputs["model"],
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)
+    winner = chosen.outputs["Output"]          # select's return value: the winning backend's name
+    with dsl.If(deploy_target == "local"):
+        smoke(model=trained.outputs["model"], data=data.outputs["data"], backend=winner)
+    with dsl.Else():                            # "kserve"; the step rejects any other value
+        deployed = deploy(model=trained.outputs["model"], data=data.outputs["data"], backend=winner,
+                          deploy_target=deploy_target, serving_image=image("serve"),
+                          namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
+                          timeout_seconds=DEPLOY_READY_SECONDS)
+        deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit
+        deployed.set_cpu_request("500m").set_cpu_limit("2").set_memory_request("1Gi").set_memory_limit("2Gi")
+        kubernetes.use_secret_as_env(deployed, secret_name=cluster.S3_SECRET,
+                                     secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+        kubernetes.set_timeout(deployed, DEPLOY_READY_SECONDS + 300)   # + storage check, apply, smoke test
     return chosen.outputs["summary"]
 
 
@@ -76,14 +98,18 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
                raise_on_error=True)
     start = time.perf_counter()
     run = gtsrb_pipeline(data_dir=str(Path(data_dir).expanduser().resolve()), allow_download=allow_download,
-                   arch=arch, epochs=epochs, seed=seed, backends=backends)
+                   arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local")
     wall = time.perf_counter() - start
     summary_path = Path(run.output.path)
     summary = json.loads(summary_path.read_text())
     summary["run"] = {"artifacts": str(summary_path.parent.parent), "wall_seconds": round(wall, 1), "epochs": epochs,
                       "arch": arch, "data_dir": str(data_dir)}
+    summary["serving"] = json.loads((summary_path.parent.parent / "smoke" / "result").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
+    serving = summary["serving"]
+    print(f"served: KServe predictor with {serving['backend']} answered like the artifact "
+          f"({', '.join(serving['checks'])}; max probability gap {serving['max_probability_gap']:.1e})")
     print(f"summary: {out / 'summary.json'}")
     return summary
 
@@ -94,8 +120,8 @@ def print_table(summary: dict) -> None:
         if r["status"] != "ok":
             print(f"{name:<16}{'-':>11}{'-':>9}{'-':>9}{'-':>9}  {r['verdict']}")
             continue
-        print(f"{name:<16}{r['accuracy']:>11.2f}{r['agreement']:>9.2f}"
-              f"{r['latency']['batch1']['median_ms']:>9.3f}{r['latency']['batch64']['median_ms']:>9.3f}  {r['verdict']}")
+        print(f"{name:<16}{r['accuracy']:>11.2f}{r['agreement']:>9.2f}{r['latency']['batch1']['median_ms']:>9.3f}"
+              f"{r['latency']['batch64']['median_ms']:>9.3f}  {r['verdict']}")
     print(f"\nwinner: {summary['winner']}  model: {summary['model']['path']}")
 
 
@@ -113,9 +139,91 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated backend names")
     r.add_argument("--output-dir", default="runs/latest")
+    s = sub.add_parser("submit", help="compile, upload and run on a KFP cluster, wait; non-zero unless it succeeds")
+    s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT", "http://127.0.0.1:8888"),
+                   help="KFP API (`make pipeline` port-forwards svc/ml-pipeline there)")
+    s.add_argument("--ui-host", default=os.environ.get("KF_PIPELINES_UI_ENDPOINT", "http://localhost:8080"),
+                   help="KFP UI, for the printed run URL (`make ui` port-forwards it there)")
+    s.add_argument("--experiment", default="gtsrb")
+    s.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline argument, repeatable; VALUE is read as JSON when it parses (epochs=3)")
+    s.add_argument("--timeout", type=int, default=5400, help="seconds to wait for the run to finish")
+    s.add_argument("--package", default="pipeline.yaml", help="where to write the compiled IR")
+    s.add_argument("--summary-out", help="copy the run's summary.json here from KFP's object store "
+                   "(needs --s3-endpoint and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    s.add_argument("--s3-endpoint", default=os.environ.get("S3_ENDPOINT", "127.0.0.1:9000"),
+                   help="host:port of KFP's object store (`make pipeline` port-forwards svc/minio-service there)")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(compile_pipeline(args.output))
+        return 0
+    if args.command == "submit":
+        import kfp
+        import yaml
+
+        from components.cluster import MINIO_BUCKET
+        from components.storage import client_from_env
+
+        params = {}
+        for item in args.arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--arg {item!r}: expected NAME=VALUE")
+            try:
+                params[key] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key] = value
+        package = compile_pipeline(args.package)
+        name = yaml.safe_load(Path(package).read_text())["pipelineInfo"]["name"]
+        deadline = time.monotonic() + 180
+        while True:  # the port-forward, or KFP's API server itself, may still be starting
+            try:
+                client = kfp.Client(host=args.host, ui_host=args.ui_host)  # calls the API's healthz
+                break
+            except Exception as e:  # connection refused, 503, ...: retried until the deadline
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"submit: KFP API at {args.host} is not reachable: {e}") from e
+                time.sleep(3)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        pipeline_id = client.get_pipeline_id(name)
+        if pipeline_id is None:  # first upload: the pipeline and its first version
+            pipeline_id = client.upload_pipeline(package, pipeline_name=name).pipeline_id
+            version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+        else:
+            version_id = client.upload_pipeline_version(package, f"{name} {stamp}",
+                                                        pipeline_id=pipeline_id).pipeline_version_id
+        experiment_id = client.create_experiment(args.experiment).experiment_id
+        run_id = client.run_pipeline(experiment_id, f"{name} {stamp}", params=params, pipeline_id=pipeline_id,
+                                     version_id=version_id).run_id
+        url = f"{args.ui_host.rstrip('/')}/#/runs/details/{run_id}"
+        print(f"run: {url}", flush=True)
+        try:
+            run = client.wait_for_run_completion(run_id, timeout=args.timeout, sleep_duration=15)
+        except TimeoutError:
+            print(f"final state: still running after {args.timeout} s ({url})", file=sys.stderr)
+            return 1
+        print(f"final state: {run.state}  ({url})")
+        if run.state != "SUCCEEDED":
+            for task in (run.run_details.task_details if run.run_details else None) or []:
+                if task.state == "FAILED":
+                    print(f"  task {task.display_name} failed: {task.error.message if task.error else '?'} "
+                          f"(pod {task.pod_name})", file=sys.stderr)
+            return 1
+        if args.summary_out:  # the select task's `summary` artifact: <root>/<pipeline>/<run id>/select/<salt>/summary
+            store = client_from_env(args.s3_endpoint)
+            keys = [o.object_name for o in store.list_objects(MINIO_BUCKET, prefix=f"v2/artifacts/{name}/{run_id}/",
+                                                              recursive=True)
+                    if o.object_name.endswith("/summary") and "/select/" in o.object_name]
+            if not keys:
+                print(f"submit: no select/summary artifact under {MINIO_BUCKET}/v2/artifacts/{name}/{run_id}/",
+                      file=sys.stderr)
+                return 1
+            summary = json.loads(store.get_object(MINIO_BUCKET, keys[0]).read())
+            summary["run"] = {"id": run_id, "url": url, "arguments": params}
+            Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
+            print_table(summary)
+            print(f"summary: {args.summary_out}")
         return 0
     out = Path(args.output_dir)
     if out.exists() and (out / "summary.json").exists():

@@ -1,14 +1,22 @@
 """Step 4 — evaluate: one backend, measured on the test split.
 
-Accuracy, top-1 agreement with the fp32 ``eager`` reference, a confusion matrix, and
-latency at batch 1 and batch 64 (warm-up, then timed runs: median / p90 / p99) with a fixed
-thread count. A backend that is unavailable here is reported as skipped with its reason.
+Per backend: test accuracy; top-1 agreement with the fp32 ``eager`` reference (computed in the
+same process); a confusion matrix; the preparation cost (export / quantization / compilation);
+latency at batch 1 and batch 64 — ``warmup`` untimed runs, then ``runs`` (≥ 50) timed runs of
+the same batch: median, p90, p99 and throughput — with a fixed, recorded thread count. A backend
+that is unavailable here is reported as skipped with its reason.
+
+Accuracy passes run in batches of ``EVAL_BATCH`` (the last one padded), so a shape-specialising
+backend (``compile``) only ever sees the two latency batch sizes.
 """
 
 
 import json
+import platform
 import statistics
 import time
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -21,15 +29,71 @@ from components.preprocess import load_split
 from components.runtime import set_threads
 
 LATENCY_BATCHES = (1, 64)
+EVAL_BATCH = 64
+CALIBRATION_IMAGES = 512
+MIN_RUNS = 50
 
 
-def predict_all(predict, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([predict(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+@dataclass
+class EvalData:
+    model: torch.nn.Module
+    card: dict
+    x: torch.Tensor                  # normalized test images
+    y: torch.Tensor                  # test labels
+    calibration: torch.Tensor        # normalized training images for int8 calibration
 
 
-def time_batches(predict, x: torch.Tensor, batch: int, runs: int, warmup: int) -> dict:
-    sample = x[:batch] if len(x) >= batch else x.repeat(batch // len(x) + 1, 1, 1, 1)[:batch]
-    sample = sample.contiguous()
+def calibration_images(data_dir: str | Path, normalization: dict, count: int = CALIBRATION_IMAGES,
+                       seed: int = 0) -> torch.Tensor:
+    """``count`` training images (a fixed seeded sample, so every task quantizes identically), normalized."""
+    train = load_split(data_dir, "train")["images"]
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+    return normalize(train[pick.sort().values], normalization["mean"], normalization["std"])
+
+
+def load_eval_data(model_dir: str | Path, data_dir: str | Path) -> EvalData:
+    model, card = load_model_artifact(model_dir)
+    test = load_split(data_dir, "test")
+    norm = card["normalization"]
+    return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"],
+                    calibration_images(data_dir, norm))
+
+
+def batch_of(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first ``batch`` images of ``x`` (repeated when there are fewer), contiguous."""
+    if len(x) < batch:
+        x = x.repeat(batch // len(x) + 1, 1, 1, 1)
+    return x[:batch].contiguous()
+
+
+def predict_all(predict, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """Top-1 class of every image, in chunks of exactly ``batch`` (the last chunk padded)."""
+    out = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n, *chunk.shape[1:])])
+        out.append(predict(chunk.contiguous()).argmax(1)[:n])
+    return torch.cat(out)
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
+
+
+def latency_stats(times_ms: list[float], batch: int, flops_per_image: int | None = None) -> dict:
+    times = sorted(times_ms)
+    median = statistics.median(times)
+    stats = {"batch": batch, "runs": len(times), "median_ms": median, "p90_ms": percentile(times, 90),
+             "p99_ms": percentile(times, 99), "min_ms": times[0], "images_per_second": batch / median * 1000}
+    if flops_per_image:
+        stats["gflops_per_second"] = flops_per_image * batch / median / 1e6
+    return stats
+
+
+def time_runs(predict, sample: torch.Tensor, runs: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         predict(sample)
     times = []
@@ -37,14 +101,12 @@ def time_batches(predict, x: torch.Tensor, batch: int, runs: int, warmup: int) -
         start = time.perf_counter()
         predict(sample)
         times.append((time.perf_counter() - start) * 1000)
-    times.sort()
+    return times
 
-    def pct(p):
-        return times[min(len(times) - 1, round(p / 100 * (len(times) - 1)))]
 
-    median = statistics.median(times)
-    return {"batch": batch, "runs": runs, "median_ms": median, "p90_ms": pct(90), "p99_ms": pct(99),
-            "images_per_second": batch / median * 1000}
+def time_batches(predict, x: torch.Tensor, batch: int, runs: int = MIN_RUNS, warmup: int = 10,
+                 flops_per_image: int | None = None) -> dict:
+    return latency_stats(time_runs(predict, batch_of(x, batch), runs, warmup), batch, flops_per_image)
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> list[list[int]]:
@@ -52,36 +114,71 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> list[li
     return torch.bincount(flat, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES).tolist()
 
 
-def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int = 0, runs: int = 50,
-             warmup: int = 10) -> dict:
-    """Measure ``backend``; returns a JSON-serialisable result (status ok or skipped)."""
-    spec = backends.get(backend)
-    result = {"backend": backend, "description": spec.description, "enabled_by": spec.enabled_by,
-              "precision": spec.precision}
-    reason = spec.unavailable()
-    if reason:
-        print(f"evaluate: {backend}: skipped ({reason})", flush=True)
-        return {**result, "status": "skipped", "reason": reason}
+def quality(predictions: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy and agreement with the reference, in percent."""
+    return {"accuracy": 100.0 * (predictions == labels).float().mean().item(),
+            "agreement": 100.0 * (predictions == reference).float().mean().item(),
+            "reference_accuracy": 100.0 * (reference == labels).float().mean().item(),
+            "test_images": len(labels)}
 
-    threads = set_threads(threads or None)
-    model, card = load_model_artifact(model_dir)
-    test = load_split(data_dir, "test")
-    norm = card["normalization"]
-    x, y = normalize(test["images"], norm["mean"], norm["std"]), test["labels"]
 
-    reference = predict_all(backends.get(backends.REFERENCE).prepare(model, x[:1]), x)
+def describe(name: str) -> dict:
+    """The registry's facts about a backend, as they go into every result."""
+    spec = backends.get(name)
+    return {"backend": name, "description": spec.description, "enabled_by": spec.enabled_by,
+            "precision": spec.precision, "needs_calibration": spec.needs_calibration}
+
+
+def skipped(name: str) -> dict | None:
+    """A skipped result if ``name`` cannot run here, else None."""
+    reason = backends.get(name).unavailable()
+    if reason is None:
+        return None
+    print(f"evaluate: {name}: skipped ({reason})", flush=True)
+    return {**describe(name), "status": "skipped", "reason": reason}
+
+
+def prepare_timed(name: str, data: EvalData) -> tuple[object, float]:
+    spec = backends.get(name)
     start = time.perf_counter()
-    predict = spec.prepare(model, x[:64])
-    prepare_seconds = time.perf_counter() - start
-    predictions = predict_all(predict, x)
-    accuracy = 100.0 * (predictions == y).float().mean().item()
-    agreement = 100.0 * (predictions == reference).float().mean().item()
-    latency = {f"batch{b}": time_batches(predict, x, b, runs, warmup) for b in LATENCY_BATCHES}
-    result.update(status="ok", accuracy=accuracy, agreement=agreement,
-                  reference_accuracy=100.0 * (reference == y).float().mean().item(),
-                  test_images=len(y), threads=threads, prepare_seconds=prepare_seconds,
-                  latency=latency, confusion_matrix=confusion_matrix(y, predictions))
-    print(f"evaluate: {backend}: accuracy {accuracy:.2f}% agreement {agreement:.2f}% "
+    predict = spec.prepare(data.model, batch_of(data.x, EVAL_BATCH),
+                           data.calibration if spec.needs_calibration else None)
+    return predict, time.perf_counter() - start
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(threads: int) -> dict:
+    return {"threads": threads, "machine": platform.machine(), "torch_version": torch.__version__,
+            "onnxruntime_version": _version("onnxruntime")}
+
+
+def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int = 0, runs: int = MIN_RUNS,
+                     warmup: int = 10) -> dict:
+    """Measure ``backend``; returns a JSON-serialisable result (status ok or skipped)."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"runs={runs}: latency needs at least {MIN_RUNS} timed runs")
+    result = skipped(backend)
+    if result:
+        return result
+    threads = set_threads(threads or None)
+    data = load_eval_data(model_dir, data_dir)
+    reference = predict_all(backends.get(backends.REFERENCE).prepare(data.model, batch_of(data.x, EVAL_BATCH)), data.x)
+    predict, prepare_seconds = prepare_timed(backend, data)
+    predictions = predict_all(predict, data.x)
+    flops = data.card.get("flops_per_image")
+    latency = {f"batch{b}": time_batches(predict, data.x, b, runs, warmup, flops) for b in LATENCY_BATCHES}
+    result = {**describe(backend), "status": "ok", **quality(predictions, reference, data.y),
+              **environment(threads), "prepare_seconds": prepare_seconds, "flops_per_image": flops,
+              "calibration_images": len(data.calibration) if backends.get(backend).needs_calibration else 0,
+              "latency": latency, "confusion_matrix": confusion_matrix(data.y, predictions)}
+    print(f"evaluate: {backend}: accuracy {result['accuracy']:.2f}% agreement {result['agreement']:.2f}% "
+          f"prepare {prepare_seconds:.1f}s "
           + " ".join(f"b{v['batch']} median {v['median_ms']:.3f} ms p99 {v['p99_ms']:.3f} ms"
                      for v in latency.values()), flush=True)
     return result
@@ -104,10 +201,9 @@ def evaluate(model: Input[Model], data: Input[Dataset], backend: str, result: Ou
     if outcome["status"] != "ok":
         metrics.log_metric("skipped", 1)
         return
-    metrics.log_metric("accuracy", round(outcome["accuracy"], 3))
-    metrics.log_metric("agreement", round(outcome["agreement"], 3))
+    for key in ("accuracy", "agreement", "reference_accuracy", "prepare_seconds", "threads"):
+        metrics.log_metric(key, round(outcome[key], 4))
     for name, lat in outcome["latency"].items():
-        metrics.log_metric(f"{name}_median_ms", round(lat["median_ms"], 4))
-        metrics.log_metric(f"{name}_p99_ms", round(lat["p99_ms"], 4))
-        metrics.log_metric(f"{name}_images_per_second", round(lat["images_per_second"], 1))
+        for key in ("median_ms", "p90_ms", "p99_ms", "images_per_second"):
+            metrics.log_metric(f"{name}_{key}", round(lat[key], 4))
     confusion.log_confusion_matrix(list(CLASS_NAMES), outcome["confusion_matrix"])

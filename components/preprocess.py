@@ -20,8 +20,8 @@ import torch
 from kfp.dsl import Dataset, Input, Output
 from PIL import Image
 
-from components.kfp_step import step
 from components.ingest import ARCHIVE, MANIFEST
+from components.kfp_step import step
 from components.model import NUM_CLASSES, to_uint8_32
 
 SPLITS = ("train", "test")

@@ -1,9 +1,13 @@
 """Step 5 — select: choose the serving backend from the evaluations, write the report.
 
-Rule (parameters in brackets): among backends that ran, whose test accuracy is within
-[accuracy_tolerance] points of the fp32 eager reference and whose top-1 predictions agree
-with the reference on at least [min_agreement] % of test images, the lowest median latency at
-the serving batch size [serving_batch] wins; ties are broken by batch-64 median latency.
+Rule (parameters in brackets):
+1. only backends that ran are candidates (skipped ones are listed with their reason);
+2. the accuracy guard: test accuracy within ±[accuracy_tolerance] points (default 0.5) of the
+   fp32 ``eager`` reference, and top-1 predictions agreeing with the reference on at least
+   [min_agreement] % (default 99) of the test images;
+3. among those, the lowest median latency at the serving batch size [serving_batch] (default 1)
+   wins; equal medians are broken by the batch-64 median latency.
+The same function decides in the pipeline's select step and in ``make bench``.
 """
 
 import base64
@@ -15,6 +19,7 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
 
 from components.kfp_step import step
 
+TIE_BREAK_BATCH = 64
 RULE = ("eligible: accuracy within ±{tol} points of the fp32 `eager` reference and top-1 "
         "agreement ≥ {agree} %; winner: lowest median latency at batch {batch}, "
         "ties broken by batch-64 median latency")
@@ -24,74 +29,101 @@ class NoEligibleBackend(RuntimeError):
     pass
 
 
-def _latency(result: dict, batch: int) -> float:
+def median_ms(result: dict, batch: int) -> float:
     return result["latency"][f"batch{batch}"]["median_ms"]
+
+
+def guard_verdict(result: dict, accuracy_tolerance: float, min_agreement: float) -> str | None:
+    """Why ``result`` fails the accuracy guard, or None if it passes."""
+    gap = result["accuracy"] - result["reference_accuracy"]
+    if abs(gap) > accuracy_tolerance:
+        return (f"rejected: accuracy {result['accuracy']:.2f} % is {gap:+.2f} points from the reference "
+                f"{result['reference_accuracy']:.2f} % (tolerance ±{accuracy_tolerance})")
+    if result["agreement"] < min_agreement:
+        return f"rejected: top-1 agreement with the reference {result['agreement']:.2f} % < {min_agreement} %"
+    return None
+
+
+def _loser_verdict(loser: dict, winner: dict, serving_batch: int) -> str:
+    mine, best = median_ms(loser, serving_batch), median_ms(winner, serving_batch)
+    if mine == best:
+        return (f"slower: tied at batch {serving_batch} ({mine:.3f} ms), then {median_ms(loser, TIE_BREAK_BATCH):.3f} "
+                f"vs {median_ms(winner, TIE_BREAK_BATCH):.3f} ms at batch {TIE_BREAK_BATCH}")
+    return f"slower: {mine:.3f} ms vs {best:.3f} ms median at batch {serving_batch} ({mine / best:.2f}x)"
 
 
 def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
                   serving_batch: int = 1) -> dict:
-    """Apply the rule; returns {winner, rule, backends: {name: result + verdict}}."""
+    """Apply the rule; returns {winner, rule, parameters, backends: {name: result + verdict}}."""
     if not results:
         raise NoEligibleBackend("no evaluation results to select from")
-    ran = [r for r in results if r["status"] == "ok"]
-    if ran and f"batch{serving_batch}" not in ran[0]["latency"]:
-        raise ValueError(f"serving_batch {serving_batch} was not measured; "
-                         f"measured: {sorted(ran[0]['latency'])}")
-    verdicts = {}
-    eligible = []
+    names = [r["backend"] for r in results]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate backend results: {names}")
+    verdicts, eligible = {}, []
     for r in results:
         if r["status"] != "ok":
             verdicts[r["backend"]] = f"skipped: {r['reason']}"
             continue
-        gap = r["accuracy"] - r["reference_accuracy"]
-        if abs(gap) > accuracy_tolerance:
-            verdicts[r["backend"]] = (f"rejected: accuracy {r['accuracy']:.2f} % is {gap:+.2f} points from "
-                                      f"the reference {r['reference_accuracy']:.2f} % (tolerance ±{accuracy_tolerance})")
-        elif r["agreement"] < min_agreement:
-            verdicts[r["backend"]] = (f"rejected: top-1 agreement with the reference {r['agreement']:.2f} % "
-                                      f"< {min_agreement} %")
+        for batch in {serving_batch, TIE_BREAK_BATCH}:
+            if f"batch{batch}" not in r["latency"]:
+                raise ValueError(f"{r['backend']}: batch {batch} was not measured; measured: {sorted(r['latency'])}")
+        verdict = guard_verdict(r, accuracy_tolerance, min_agreement)
+        if verdict:
+            verdicts[r["backend"]] = verdict
         else:
             eligible.append(r)
     if not eligible:
         raise NoEligibleBackend("no backend passed the accuracy guard: "
                                 + "; ".join(f"{k}: {v}" for k, v in verdicts.items()))
-    ranked = sorted(eligible, key=lambda r: (_latency(r, serving_batch), _latency(r, 64)))
+    ranked = sorted(eligible, key=lambda r: (median_ms(r, serving_batch), median_ms(r, TIE_BREAK_BATCH)))
     winner = ranked[0]
-    verdicts[winner["backend"]] = (f"winner: {_latency(winner, serving_batch):.3f} ms median at batch "
-                                   f"{serving_batch}")
+    verdicts[winner["backend"]] = f"winner: {median_ms(winner, serving_batch):.3f} ms median at batch {serving_batch}"
     for r in ranked[1:]:
-        verdicts[r["backend"]] = (f"slower: {_latency(r, serving_batch):.3f} ms vs "
-                                  f"{_latency(winner, serving_batch):.3f} ms median at batch {serving_batch}")
+        verdicts[r["backend"]] = _loser_verdict(r, winner, serving_batch)
     return {
         "winner": winner["backend"],
         "rule": RULE.format(tol=accuracy_tolerance, agree=min_agreement, batch=serving_batch),
         "parameters": {"accuracy_tolerance": accuracy_tolerance, "min_agreement": min_agreement,
                        "serving_batch": serving_batch},
+        "ranking": [r["backend"] for r in ranked],
         "backends": {r["backend"]: {k: v for k, v in {**r, "verdict": verdicts[r["backend"]]}.items()
                                     if k != "confusion_matrix"} for r in results},
     }
 
 
 def markdown_report(selection: dict, chart_png: bytes | None = None) -> str:
-    rows = ["| backend | precision | accuracy % | agreement % | b1 median ms | b1 p99 ms | "
-            "b64 median ms | images/s (b64) | verdict |", "|" + "---|" * 9]
+    winner = selection["winner"]
+    rows = ["| backend | precision | accuracy % | agreement % | b1 median ms | b1 p99 ms | b64 median ms | "
+            "b64 p99 ms | images/s (b64) | prepare s | verdict |", "|" + "---|" * 11]
     for name, r in selection["backends"].items():
         if r["status"] != "ok":
-            rows.append(f"| {name} | {r['precision']} | – | – | – | – | – | – | {r['verdict']} |")
+            rows.append(f"| {name} | {r['precision']} | – | – | – | – | – | – | – | – | {r['verdict']} |")
             continue
         b1, b64 = r["latency"]["batch1"], r["latency"]["batch64"]
-        rows.append(f"| {'**' + name + '**' if name == selection['winner'] else name} | {r['precision']} | "
+        rows.append(f"| {'**' + name + '**' if name == winner else name} | {r['precision']} | "
                     f"{r['accuracy']:.2f} | {r['agreement']:.2f} | {b1['median_ms']:.3f} | {b1['p99_ms']:.3f} | "
-                    f"{b64['median_ms']:.3f} | {b64['images_per_second']:.0f} | {r['verdict']} |")
-    text = (f"# Backend selection\n\n**Winner: `{selection['winner']}`**\n\nRule: {selection['rule']}.\n\n"
-            + "\n".join(rows) + "\n")
+                    f"{b64['median_ms']:.3f} | {b64['p99_ms']:.3f} | {b64['images_per_second']:.0f} | "
+                    f"{r['prepare_seconds']:.1f} | {r['verdict']} |")
+    w = selection["backends"][winner]
+    lines = [f"# Backend selection\n\n**Winner: `{winner}`** — {w['description']}.\n",
+             f"Rule: {selection['rule']}.\n", "\n".join(rows) + "\n",
+             f"Measured with {w['threads']} threads, {w['latency']['batch1']['runs']} timed runs per batch size "
+             f"after warm-up; the reference is fp32 `eager` on the same {w['test_images']} test images.\n"]
+    model = selection.get("model")
+    if model:
+        flops = model.get("flops_per_image")
+        lines.append(f"Model: `{model['architecture']}`, weights sha256 `{model['weights_sha256'][:12]}…`"
+                     + (f", {flops / 1e6:.1f} MFLOP per image (FlopCounterMode)." if flops else ".") + "\n")
+    lines.append("## Why the others lost\n\n" + "\n".join(
+        f"- `{name}`: {r['verdict']}" for name, r in selection["backends"].items() if name != winner) + "\n")
     if chart_png:
-        text += f"\n![latency chart](data:image/png;base64,{base64.b64encode(chart_png).decode()})\n"
-    return text
+        lines.append(f"![latency chart](data:image/png;base64,{base64.b64encode(chart_png).decode()})\n")
+    return "\n".join(lines)
 
 
 def latency_chart(selection: dict) -> bytes:
-    """PNG bar chart of median latency per backend at batch 1 and 64."""
+    """PNG bar chart of median latency per backend at batch 1 and 64 (winner green, guard-rejected red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,13 +131,15 @@ def latency_chart(selection: dict) -> bytes:
 
     ran = {k: v for k, v in selection["backends"].items() if v["status"] == "ok"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(ran) + 1.5))
-    for ax, batch in zip(axes, (1, 64), strict=True):
+    for ax, batch in zip(axes, (1, TIE_BREAK_BATCH), strict=True):
         names = list(ran)
-        values = [ran[n]["latency"][f"batch{batch}"]["median_ms"] for n in names]
-        colors = ["tab:green" if n == selection["winner"] else "tab:gray" for n in names]
+        values = [median_ms(ran[n], batch) for n in names]
+        colors = ["tab:green" if n == selection["winner"] else
+                  "tab:red" if ran[n]["verdict"].startswith("rejected") else "tab:gray" for n in names]
         ax.barh(names, values, color=colors)
         ax.set_xlabel(f"median latency, batch {batch} (ms)")
         ax.invert_yaxis()
+    fig.suptitle(f"winner: {selection['winner']} (red: failed the accuracy guard)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)

@@ -1,0 +1,390 @@
+"""`make bench`: every available backend side by side in one process, on the default model.
+
+    python -m bench.bench [--run-dir runs/latest] [--model-dir DIR --data-dir DIR]
+                          [--sample-dir ../shared/gtsrb-sample] [--backends a,b] [--threads N]
+                          [--runs 60] [--rounds 6] [--serving-batch 1] [--clock-ghz G]
+
+Model: the latest run-local output (``--run-dir``) if it holds a ``components.model.DEFAULT_ARCH``
+model; otherwise one trained on the sample data under ``runs/bench`` (reused while its
+architecture and epoch count still match). Measurement is fair by construction: one process,
+one thread count, the same input tensors; every backend is prepared (export / quantization /
+compilation, timed) before any timing starts; latency is taken in ``--rounds`` interleaved
+rounds (rotating order, warm-up before each block), so load from other processes on a shared
+machine hits every backend alike. The accuracy guard and the winner come from
+``components.selection.select_winner``, the pipeline's own rule.
+
+The last line is ``winner=<name> winner_vs_eager=<x>x roofline_gap=<y>x best_fp32_gap=<z>x``:
+``winner_vs_eager`` = eager / winner median latency at batch 64, and a gap = measured batch-64
+median / (FLOPs per batch / fp32 peak), the peak derived from /proc/cpuinfo (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 64
+TARGETS = {"winner_vs_eager": (">=", 8.0), "roofline_gap": ("<=", 0.5), "best_fp32_gap": ("<=", 1.2)}
+
+# Arm cores: fp32 FMA pipes per core (at the SVE width, and as 128-bit NEON pipes).
+ARM_CORES = {0xd0c: ("Neoverse N1", None, 2), 0xd40: ("Neoverse V1", 2, 4), 0xd49: ("Neoverse N2", 2, 2),
+             0xd4f: ("Neoverse V2", 4, 4), 0xd8e: ("Neoverse N3", 2, 2)}
+
+
+# --------------------------------------------------------------------------- the fp32 peak
+@dataclass
+class CPU:
+    machine: str
+    vendor: str = ""
+    family: int = 0
+    model: int = 0
+    name: str = ""
+    flags: frozenset = frozenset()
+    mhz: float | None = None
+    part: int | None = None               # arm64 "CPU part"
+    sve_bits: int | None = None           # arm64 SVE vector length
+
+
+def parse_cpuinfo(text: str, machine: str, sve_bytes: int | None = None) -> CPU:
+    """The first processor's entry of /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
+    model = fields.get("model", "")
+    return CPU(machine=machine, vendor=fields.get("vendor_id", ""), family=int(fields.get("cpu family") or 0),
+               model=int(model) if model.isdigit() else 0,
+               name=fields.get("model name", ""), flags=flags,
+               mhz=float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
+               part=int(fields["CPU part"], 16) if "CPU part" in fields else None,
+               sve_bits=sve_bytes * 8 if sve_bytes and "sve" in flags else None)
+
+
+def read_cpu() -> CPU:
+    import platform
+
+    sve = Path("/proc/sys/abi/sve_default_vector_length")
+    return parse_cpuinfo(Path("/proc/cpuinfo").read_text(), platform.machine(),
+                         int(sve.read_text()) if sve.is_file() else None)
+
+
+def flops_per_cycle(cpu: CPU) -> tuple[int, str]:
+    """fp32 FLOP per cycle per core (an FMA counts 2), and how that follows from the hardware."""
+    f, amd = cpu.flags, cpu.vendor in ("AuthenticAMD", "HygonGenuine")
+    if cpu.machine in ("aarch64", "arm64"):
+        name, sve_pipes, neon_pipes = ARM_CORES.get(cpu.part, (f"unknown core (part {cpu.part})", None, 2))
+        assumed = "" if cpu.part in ARM_CORES else " (assumed)"
+        if cpu.sve_bits and sve_pipes:
+            lanes = cpu.sve_bits // 32
+            return sve_pipes * lanes * 2, (f"{name}: {sve_pipes} SVE FMA pipes x {lanes} fp32 lanes "
+                                           f"({cpu.sve_bits}-bit SVE) x 2 FLOP")
+        return neon_pipes * 4 * 2, f"{name}: {neon_pipes} NEON FMA pipes{assumed} x 4 fp32 lanes (128-bit) x 2 FLOP"
+    if "avx512f" in f:
+        if amd and cpu.family == 0x19:
+            return 32, "Zen 4 (AMD family 25) AVX-512: 512-bit ops run as two 256-bit halves; 2 FMA pipes x 8 lanes x 2"
+        return 64, "AVX-512: 2 FMA units x 16 fp32 lanes x 2 FLOP (assumes two 512-bit FMA units)"
+    if "avx2" in f and "fma" in f:
+        if amd and cpu.family in (0x17, 0x18) and cpu.model < 0x30:
+            return 16, (f"Zen 1/Zen+ (AMD family {cpu.family} model {cpu.model:#x} < 0x30): 256-bit AVX2 runs as "
+                        "two 128-bit halves; 2 FMA pipes x 4 fp32 lanes x 2 FLOP")
+        return 32, "AVX2 + FMA: 2 FMA pipes x 8 fp32 lanes (256-bit) x 2 FLOP"
+    if "avx" in f:
+        return 16, "AVX without FMA: one 8-lane add + one 8-lane multiply per cycle"
+    return 8, "SSE: one 4-lane add + one 4-lane multiply per cycle"
+
+
+def clock_ghz(cpu: CPU, cpufreq: Path = Path("/sys/devices/system/cpu/cpu0/cpufreq")) -> tuple[float, str]:
+    """The core clock: cpufreq's maximum if the kernel exposes it, else /proc/cpuinfo's cpu MHz."""
+    max_freq = cpufreq / "cpuinfo_max_freq"
+    if max_freq.is_file():
+        return int(max_freq.read_text()) / 1e6, f"{max_freq} (maximum)"
+    if cpu.mhz:
+        return cpu.mhz / 1000, "/proc/cpuinfo 'cpu MHz' (no cpufreq; under a hypervisor this is the nominal clock)"
+    raise SystemExit("cannot read the CPU clock (no cpufreq, no 'cpu MHz' in /proc/cpuinfo): pass --clock-ghz")
+
+
+@dataclass
+class Peak:
+    cores: int
+    ghz: float
+    per_cycle: int
+    why: str
+    clock_source: str
+
+    @property
+    def gflops(self) -> float:
+        return self.cores * self.ghz * self.per_cycle
+
+    def derivation(self) -> str:
+        return (f"fp32 peak = {self.cores} cores x {self.ghz:.3f} GHz x {self.per_cycle} FLOP/cycle "
+                f"= {self.gflops:.1f} GFLOP/s\n  FLOP/cycle: {self.why}\n  clock: {self.clock_source}")
+
+
+def fp32_peak(cores: int, cpu: CPU | None = None, ghz: float | None = None) -> Peak:
+    cpu = cpu or read_cpu()
+    per_cycle, why = flops_per_cycle(cpu)
+    ghz, source = (ghz, "--clock-ghz") if ghz else clock_ghz(cpu)
+    return Peak(cores, ghz, per_cycle, why, source)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best of ``repeats`` n x n fp32 matrix products (torch.mm, current thread count)."""
+    import torch
+
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- the model
+def model_from_run(run_dir: Path) -> tuple[Path, Path] | str:
+    """(model dir, data dir) of a run-local output holding a default-architecture model, or why not."""
+    from components.model import DEFAULT_ARCH
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return f"no {summary_path}"
+    summary = json.loads(summary_path.read_text())
+    model, data = Path(summary["model"]["path"]), Path(summary["run"]["artifacts"]) / "preprocess" / "data"
+    if summary["model"]["architecture"] != DEFAULT_ARCH:
+        return f"{summary_path}: architecture {summary['model']['architecture']!r} is not the default {DEFAULT_ARCH!r}"
+    missing = [p for p in (model / "model_card.json", data / "test.pt", data / "train.pt") if not p.is_file()]
+    if missing:
+        return f"{summary_path}: missing {', '.join(map(str, missing))}"
+    problem = unloadable(model)
+    return f"{model}: {problem}" if problem else (model, data)
+
+
+def unloadable(model_dir: Path) -> str | None:
+    """Why the artifact does not load into today's network definition (it changes), or None."""
+    from components.model import load_model_artifact
+
+    try:
+        load_model_artifact(model_dir)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:   # ModelArtifactError is a RuntimeError
+        return f"does not load with the current code ({str(e).splitlines()[0]})"
+    return None
+
+
+def quick_model(sample_dir: Path, work: Path, epochs: int | None, retrain: bool) -> tuple[Path, Path]:
+    """A default-architecture model trained on the sample data under ``work``; reused while its
+    architecture, epochs and training recipe are still today's and it still loads."""
+    from components.ingest import ingest_dataset
+    from components.model import CARD_FILE, DEFAULT_ARCH
+    from components.preprocess import preprocess_dataset
+    from components.train import TrainConfig, train_model
+
+    config = TrainConfig(arch=DEFAULT_ARCH, **({"epochs": epochs} if epochs else {}))
+    model, data = work / "model", work / "data"
+    card = model / CARD_FILE
+    if not retrain and card.is_file() and (data / "test.pt").is_file():
+        trained = json.loads(card.read_text())
+        current = (trained["architecture"] == DEFAULT_ARCH and trained["training"]["epochs"] == config.epochs
+                   and trained["training"]["recipe"] == config.recipe() and not unloadable(model))
+        if current:
+            print(f"bench: reusing {model} ({DEFAULT_ARCH}, {config.epochs} epochs; --retrain to train again)")
+            return model, data
+        print(f"bench: {model} is out of date (architecture, epochs or recipe changed); retraining")
+    print(f"bench: training {DEFAULT_ARCH} for {config.epochs} epochs on {sample_dir} into {work}", flush=True)
+    ingest_dataset(str(sample_dir), str(work / "raw"))
+    preprocess_dataset(str(work / "raw"), str(data))
+    train_model(str(data), str(model), config)
+    return model, data
+
+
+# --------------------------------------------------------------------------- measurement
+def measure(data, names: list[str], threads: int, runs: int, rounds: int, warmup: int) -> list[dict]:
+    """Results in the evaluate step's format, for ``names`` measured side by side."""
+    from components import backends
+    from components.evaluate import (
+        LATENCY_BATCHES,
+        batch_of,
+        describe,
+        environment,
+        latency_stats,
+        predict_all,
+        prepare_timed,
+        quality,
+        skipped,
+        time_runs,
+    )
+
+    reference = predict_all(backends.get(backends.REFERENCE).prepare(data.model, batch_of(data.x, BATCH)), data.x)
+    results, ready = {}, {}
+    for name in names:
+        result = skipped(name)
+        if result:
+            results[name] = result
+            continue
+        print(f"bench: preparing {name} ...", flush=True)
+        predict, seconds = prepare_timed(name, data)
+        ready[name] = predict
+        results[name] = {**describe(name), "status": "ok", **quality(predict_all(predict, data.x), reference, data.y),
+                         **environment(threads), "prepare_seconds": seconds,
+                         "flops_per_image": data.card.get("flops_per_image")}
+    samples = {b: batch_of(data.x, b) for b in LATENCY_BATCHES}
+    times = {(n, b): [] for n in ready for b in LATENCY_BATCHES}
+    per_round = -(-runs // rounds)
+    order = list(ready)
+    for r in range(rounds):
+        print(f"bench: timing round {r + 1}/{rounds}", flush=True)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            for b in LATENCY_BATCHES:
+                times[name, b] += time_runs(ready[name], samples[b], per_round, warmup)
+    for name in ready:
+        results[name]["latency"] = {f"batch{b}": latency_stats(times[name, b], b, data.card.get("flops_per_image"))
+                                    for b in LATENCY_BATCHES}
+    return [results[n] for n in names]
+
+
+def figures(selection: dict, roofline_ms: float) -> dict:
+    """winner_vs_eager and the roofline gaps, from batch-64 medians."""
+    from components.backends import REFERENCE
+    from components.selection import median_ms
+
+    ran = selection["backends"]
+    if ran.get(REFERENCE, {}).get("status") != "ok":
+        raise SystemExit(f"the reference backend {REFERENCE!r} did not run; cannot compute winner_vs_eager")
+    winner = ran[selection["winner"]]
+    fp32 = [r for n, r in ran.items() if n in selection["ranking"] and r["precision"] == "fp32"]
+    best_fp32 = min(fp32, key=lambda r: median_ms(r, BATCH))
+    return {"winner": selection["winner"],
+            "winner_vs_eager": median_ms(ran[REFERENCE], BATCH) / median_ms(winner, BATCH),
+            "roofline_gap": median_ms(winner, BATCH) / roofline_ms,
+            "best_fp32": best_fp32["backend"],
+            "best_fp32_gap": median_ms(best_fp32, BATCH) / roofline_ms}
+
+
+def summary_line(f: dict) -> str:
+    return (f"winner={f['winner']} winner_vs_eager={f['winner_vs_eager']:.2f}x "
+            f"roofline_gap={f['roofline_gap']:.2f}x best_fp32_gap={f['best_fp32_gap']:.2f}x")
+
+
+def target_report(f: dict) -> str:
+    parts = []
+    for key, (op, bound) in TARGETS.items():
+        met = f[key] >= bound if op == ">=" else f[key] <= bound
+        parts.append(f"{key} {f[key]:.2f}x {op} {bound}x: {'met' if met else 'MISSED'}")
+    return "targets: " + "; ".join(parts)
+
+
+def table(selection: dict, peak_gflops: float) -> str:
+    head = (f"{'backend':<18}{'prec':<6}{'acc %':>7}{'agree %':>9}{'b1 med':>9}{'b1 p99':>9}{'b64 med':>9}"
+            f"{'b64 p99':>9}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'prep s':>8}  verdict")
+    lines = [head, "-" * len(head)]
+    for name, r in selection["backends"].items():
+        if r["status"] != "ok":
+            lines.append(f"{name:<18}{r['precision']:<6}{'-':>7}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{'-':>8}"
+                         f"{'-':>9}{'-':>7}{'-':>8}  {r['verdict']}")
+            continue
+        b1, b64 = r["latency"]["batch1"], r["latency"][f"batch{BATCH}"]
+        achieved = b64.get("gflops_per_second", float("nan"))
+        lines.append(f"{name:<18}{r['precision']:<6}{r['accuracy']:>7.2f}{r['agreement']:>9.2f}"
+                     f"{b1['median_ms']:>9.3f}{b1['p99_ms']:>9.3f}{b64['median_ms']:>9.3f}{b64['p99_ms']:>9.3f}"
+                     f"{b64['images_per_second']:>8.0f}{achieved:>9.1f}{100 * achieved / peak_gflops:>7.0f}"
+                     f"{r['prepare_seconds']:>8.1f}  {r['verdict']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from components.backends import BACKENDS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "latest", help="a run-local output dir")
+    parser.add_argument("--model-dir", type=Path, help="a model artifact (with --data-dir); skips the search")
+    parser.add_argument("--data-dir", type=Path, help="a preprocessed data dir (train.pt, test.pt)")
+    parser.add_argument("--sample-dir", type=Path, default=ROOT.parent / "shared" / "gtsrb-sample",
+                        help="GTSRB root to train a quick model from when no run output fits")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--epochs", type=int, help="epochs for the quick model (default: TrainConfig's)")
+    parser.add_argument("--retrain", action="store_true", help="train the quick model even if one is cached")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backend names")
+    parser.add_argument("--threads", type=int, default=0, help="0 = every CPU this process may use")
+    parser.add_argument("--runs", type=int, default=60, help="timed runs per backend and batch size (>= 50)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds the runs are spread over")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before each timed block")
+    parser.add_argument("--serving-batch", type=int, default=1, choices=(1, BATCH))
+    parser.add_argument("--accuracy-tolerance", type=float, default=0.5)
+    parser.add_argument("--min-agreement", type=float, default=99.0)
+    parser.add_argument("--clock-ghz", type=float, help="override the clock read from the system")
+    parser.add_argument("--sgemm-size", type=int, default=2048, help="matrix size of the peak sanity check")
+    args = parser.parse_args(argv)
+    names = [n for n in args.backends.split(",") if n]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or "eager" not in names:
+        parser.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown
+                     else "the list must include the reference backend 'eager'")
+    if args.runs < 50:
+        parser.error("--runs must be at least 50")
+
+    from components.evaluate import load_eval_data
+    from components.runtime import set_threads
+    from components.selection import select_winner
+
+    threads = set_threads(args.threads or None)
+    cpu = read_cpu()
+    peak = fp32_peak(threads, cpu, args.clock_ghz)
+    print(f"bench: {cpu.name or cpu.machine} ({cpu.vendor} family {cpu.family} model {cpu.model:#x}), "
+          f"{threads} threads\n{peak.derivation()}")
+    sgemm = sgemm_gflops(args.sgemm_size)
+    print(f"sgemm check: torch.mm {args.sgemm_size}x{args.sgemm_size} fp32 on {threads} threads = {sgemm:.1f} GFLOP/s "
+          f"({100 * sgemm / peak.gflops:.0f} % of the derived peak"
+          + ("; above 100 %: the cores run faster than the reported clock (boost)" if sgemm > peak.gflops else "")
+          + ")", flush=True)
+
+    if args.model_dir or args.data_dir:
+        if not (args.model_dir and args.data_dir):
+            parser.error("--model-dir and --data-dir go together")
+        model_dir, data_dir = args.model_dir, args.data_dir
+    else:
+        found = model_from_run(args.run_dir)
+        if isinstance(found, str):
+            print(f"bench: not using a run output ({found})")
+            found = quick_model(args.sample_dir, args.work_dir, args.epochs, args.retrain)
+        model_dir, data_dir = found
+    data = load_eval_data(model_dir, data_dir)
+    flops = data.card.get("flops_per_image")
+    if not flops:
+        from components.model import count_flops
+        flops = count_flops(data.model)
+        data.card["flops_per_image"] = flops
+    roofline_ms = flops * BATCH / (peak.gflops * 1e9) * 1e3
+    print(f"model: {model_dir} ({data.card['architecture']}), {flops / 1e6:.2f} MFLOP/image (FlopCounterMode); "
+          f"test images: {len(data.y)}\nroofline: {flops * BATCH / 1e9:.3f} GFLOP per batch of {BATCH} / "
+          f"{peak.gflops:.1f} GFLOP/s = {roofline_ms:.2f} ms", flush=True)
+
+    results = measure(data, names, threads, args.runs, args.rounds, args.warmup)
+    selection = select_winner(results, args.accuracy_tolerance, args.min_agreement, args.serving_batch)
+    f = figures(selection, roofline_ms)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    out = args.work_dir / "bench.json"
+    out.write_text(json.dumps({"peak": {**peak.__dict__, "gflops": peak.gflops}, "sgemm_gflops": sgemm,
+                               "model_dir": str(model_dir), "roofline_ms": roofline_ms, "figures": f,
+                               "selection": selection}, indent=2) + "\n")
+    print()
+    print(table(selection, peak.gflops))
+    print(f"\nrule: {selection['rule']}; latency: median of {args.runs} runs in {args.rounds} interleaved rounds")
+    print(f"results: {out}")
+    print(f"best fp32: {f['best_fp32']}; winner_vs_eager and gaps use batch-{BATCH} medians")
+    print(target_report(f))
+    print(summary_line(f))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The backend registry: every backend computes the eager model's function, or says why it cannot run."""
+
+import warnings
+
+import pytest
+import torch
+
+from components import backends
+from components.backends import BACKENDS, Backend, BackendUnavailable, int8_types
+from components.evaluate import calibration_images, load_eval_data
+from components.model import load_model_artifact
+
+ISSUE_BACKENDS = {"eager", "onednn", "onednn-bf16", "torchscript", "channels-last", "compile", "onnxruntime",
+                  "onnxruntime-int8"}
+FAST_FP32 = ["onednn", "channels-last", "torchscript"]
+SLOW_FP32 = ["compile", "onnxruntime"]      # inductor compilation / ONNX export take seconds
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(trained_model, prepared):
+    data = load_eval_data(trained_model, prepared)
+    return data.model, data.x[:64].contiguous(), data.calibration
+
+
+def test_registry_names_every_backend_of_the_issue_with_its_facts():
+    assert ISSUE_BACKENDS <= set(BACKENDS)
+    assert backends.REFERENCE == "eager" and BACKENDS["eager"].precision == "fp32"
+    for name, spec in BACKENDS.items():
+        assert spec.name == name
+        assert spec.description and spec.enabled_by
+        assert spec.precision in {"fp32", "bf16", "int8"}
+        reason = spec.unavailable()
+        assert reason is None or (isinstance(reason, str) and len(reason) > 10), name
+    assert {BACKENDS[n].precision for n in ("onednn-bf16", "onnxruntime-int8")} == {"bf16", "int8"}
+    assert [n for n, s in BACKENDS.items() if s.needs_calibration] == ["onnxruntime-int8"]
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; known: eager, onednn"):
+        backends.get("tpu")
+
+
+def test_an_unavailable_backend_refuses_to_prepare_and_says_why(model_and_batch):
+    model, x, _ = model_and_batch
+    spec = Backend("fancy", "d", "e", "fp32", lambda m, e, c: m, unavailable=lambda: "needs a fancy unit")
+    with pytest.raises(BackendUnavailable, match="'fancy' is unavailable here: needs a fancy unit"):
+        spec.prepare(model, x)
+
+
+def test_bf16_availability_is_torchs_own_hardware_check():
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    reason = BACKENDS["onednn-bf16"].unavailable()
+    assert (reason is None) == supported
+    if not supported:
+        assert "silently compute in fp32" in reason
+
+
+def _check_same_function(name, model, x):
+    reference = backends.get("eager").prepare(model, x)
+    spec = backends.get(name)
+    if spec.unavailable():
+        with pytest.raises(BackendUnavailable):
+            spec.prepare(model, x)
+        return
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predict = spec.prepare(model, x)
+    for batch in (x, x[:1].contiguous()):
+        got, want = predict(batch), reference(batch)
+        assert got.dtype == torch.float32 and got.shape == want.shape == (len(batch), 43)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "prepare must not change the caller's model"
+    assert all(p.is_contiguous() for p in model.parameters()), "channels-last must not convert the caller's model"
+
+
+@pytest.mark.parametrize("name", FAST_FP32)
+def test_fp32_backends_compute_the_eager_logits(name, model_and_batch):
+    _check_same_function(name, *model_and_batch[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_FP32)
+def test_compiled_and_exported_backends_compute_the_eager_logits(name, model_and_batch):
+    _check_same_function(name, *model_and_batch[:2])
+
+
+def test_eager_and_onednn_really_switch_onednn_and_do_not_warn(model_and_batch):
+    model, x, _ = model_and_batch
+    seen = []
+    with backends.onednn(False):
+        seen.append(torch.backends.mkldnn.enabled)
+        with backends.onednn(True, "bf16"):
+            seen.append((torch.backends.mkldnn.enabled, torch.backends.mkldnn.conv.fp32_precision))
+        seen.append((torch.backends.mkldnn.enabled, torch.backends.mkldnn.conv.fp32_precision))
+    assert seen == [False, (True, "bf16"), (False, "none")]
+    assert torch.backends.mkldnn.enabled is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the old torch.backends.mkldnn.flags() warned about TF32 per call
+        for name in ("eager", "onednn"):
+            backends.get(name).prepare(model, x)(x)
+
+
+def test_int8_needs_calibration_images(model_and_batch):
+    model, x, _ = model_and_batch
+    with pytest.raises(ValueError, match="needs calibration images"):
+        backends.get("onnxruntime-int8").prepare(model, x)
+
+
+@pytest.mark.slow
+def test_int8_onnxruntime_keeps_the_predictions(model_and_batch, trained_model, prepared):
+    model, x, calibration = model_and_batch
+    _, card = load_model_artifact(trained_model)
+    assert torch.equal(calibration, calibration_images(prepared, card["normalization"])), "calibration is fixed"
+    predict = backends.get("onnxruntime-int8").prepare(model, x, calibration=calibration)
+    got, want = predict(x), backends.get("eager").prepare(model, x)(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert not torch.equal(got, want), "int8 arithmetic gives (slightly) different logits"
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("arm, flags, weights", [
+    (False, {"avx2", "fma"}, "QUInt8"),
+    (False, {"avx2", "fma", "avx512f", "avx512_vnni"}, "QInt8"),
+    (False, {"avx2", "avx_vnni"}, "QInt8"),
+    (False, {"amx_int8", "avx512f"}, "QInt8"),
+    (True, {"asimd", "asimddp"}, "QInt8"),
+])
+def test_int8_weight_type_follows_the_instruction_set(arm, flags, weights):
+    activations, chosen, why = int8_types(arm, flags)
+    assert (activations, chosen) == ("QUInt8", weights) and why

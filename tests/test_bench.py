@@ -1,0 +1,122 @@
+"""`make bench`: the fp32 peak derivation, the figures on its last line, and a short real run."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import bench
+from components.model import DEFAULT_ARCH
+from tests.test_selection import result
+
+LAST_LINE = re.compile(r"^winner=(\S+) winner_vs_eager=(\d+\.\d\d)x roofline_gap=(\d+\.\d\d)x "
+                       r"best_fp32_gap=(\d+\.\d\d)x$")
+
+
+def cpuinfo(vendor="GenuineIntel", family=6, model=85, flags="fpu sse sse2 avx avx2 fma", mhz="2600.000"):
+    return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+            f"model name\t: test cpu\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+            "vendor_id\t: Other\n")
+
+
+def arm_cpuinfo(part, features="fp asimd"):
+    return f"processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\nCPU part\t: {part}\n"
+
+
+@pytest.mark.parametrize("text, machine, sve_bytes, per_cycle, says", [
+    (cpuinfo("AuthenticAMD", 23, 1), "x86_64", None, 16, "Zen 1/Zen+"),            # this dev machine
+    (cpuinfo("AuthenticAMD", 23, 0x31), "x86_64", None, 32, "AVX2 + FMA"),          # Zen 2
+    (cpuinfo(flags="avx avx2 fma avx512f avx512bw amx_bf16"), "x86_64", None, 64, "2 FMA units x 16"),
+    (cpuinfo("AuthenticAMD", 25, 0x11, "avx2 fma avx512f"), "x86_64", None, 32, "Zen 4"),
+    (cpuinfo(flags="sse sse2 avx"), "x86_64", None, 16, "AVX without FMA"),
+    (cpuinfo(flags="sse sse2"), "x86_64", None, 8, "SSE"),
+    (arm_cpuinfo("0xd49", "fp asimd sve sve2 bf16 i8mm"), "aarch64", 16, 16, "Neoverse N2: 2 SVE FMA pipes x 4"),
+    (arm_cpuinfo("0xd40", "fp asimd sve bf16"), "aarch64", 32, 32, "Neoverse V1: 2 SVE FMA pipes x 8"),
+    (arm_cpuinfo("0xd40", "fp asimd"), "aarch64", None, 32, "Neoverse V1: 4 NEON FMA pipes"),
+    (arm_cpuinfo("0xd0c"), "aarch64", None, 16, "Neoverse N1: 2 NEON FMA pipes x 4"),
+    (arm_cpuinfo("0xfff"), "aarch64", None, 16, "unknown core (part 4095): 2 NEON FMA pipes (assumed)"),
+])
+def test_flop_per_cycle_follows_the_cpu(text, machine, sve_bytes, per_cycle, says):
+    got, why = bench.flops_per_cycle(bench.parse_cpuinfo(text, machine, sve_bytes))
+    assert got == per_cycle and says in why
+
+
+def test_peak_uses_cores_clock_and_flop_per_cycle(tmp_path):
+    cpu = bench.parse_cpuinfo(cpuinfo("AuthenticAMD", 23, 1, mhz="1996.249"), "x86_64")
+    assert (cpu.vendor, cpu.family, cpu.model, cpu.mhz) == ("AuthenticAMD", 23, 1, 1996.249)
+    assert cpu.flags == frozenset("fpu sse sse2 avx avx2 fma".split())
+    ghz, source = bench.clock_ghz(cpu, tmp_path)                         # no cpufreq directory
+    assert ghz == pytest.approx(1.996249) and "cpu MHz" in source
+    peak = bench.fp32_peak(2, cpu)
+    assert peak.gflops == pytest.approx(2 * ghz * 16)
+    assert peak.derivation().startswith("fp32 peak = 2 cores x 1.996 GHz x 16 FLOP/cycle = 63.9 GFLOP/s")
+    (tmp_path / "cpuinfo_max_freq").write_text("2600000\n")
+    assert bench.clock_ghz(cpu, tmp_path)[0] == pytest.approx(2.6)
+    assert bench.fp32_peak(2, cpu, ghz=3.0).gflops == pytest.approx(96.0)
+    with pytest.raises(SystemExit, match="--clock-ghz"):
+        bench.clock_ghz(bench.parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64"), tmp_path / "none")
+
+
+def test_the_real_cpu_is_read():
+    cpu = bench.read_cpu()
+    per_cycle, why = bench.flops_per_cycle(cpu)
+    assert per_cycle in (8, 16, 32, 64) and why
+
+
+def test_figures_and_the_last_line_from_a_selection():
+    from components.selection import select_winner
+
+    selection = select_winner([result("eager", 2.0, 80.0), result("onnxruntime", 0.5, 22.0),
+                               result("int8", 0.4, 8.0, accuracy=95.2, agreement=99.5, precision="int8"),
+                               result("lossy", 0.1, 4.0, accuracy=90.0, precision="int8")])
+    f = bench.figures(selection, roofline_ms=20.0)
+    assert f == {"winner": "int8", "winner_vs_eager": 10.0, "roofline_gap": 0.4, "best_fp32": "onnxruntime",
+                 "best_fp32_gap": pytest.approx(1.1)}
+    line = bench.summary_line(f)
+    assert LAST_LINE.match(line).groups() == ("int8", "10.00", "0.40", "1.10")
+    assert bench.target_report(f) == ("targets: winner_vs_eager 10.00x >= 8.0x: met; roofline_gap 0.40x <= 0.5x: "
+                                      "met; best_fp32_gap 1.10x <= 1.2x: met")
+
+
+def test_a_run_output_is_used_only_with_the_default_architecture(tmp_path, trained_model, prepared):
+    assert bench.model_from_run(tmp_path) == f"no {tmp_path / 'summary.json'}"
+    run = tmp_path / "run"
+    (run / "preprocess").mkdir(parents=True)
+    (run / "preprocess" / "data").symlink_to(prepared)
+    summary = {"model": {"path": str(trained_model), "architecture": "lp"}, "run": {"artifacts": str(run)}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert "architecture 'lp' is not the default" in bench.model_from_run(tmp_path)
+    summary["model"]["architecture"] = DEFAULT_ARCH
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert bench.model_from_run(tmp_path) == (Path(trained_model), run / "preprocess" / "data")
+
+
+def test_bench_refuses_too_few_runs_and_a_list_without_the_reference():
+    with pytest.raises(SystemExit):
+        bench.main(["--runs", "10"])
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "onednn,onnxruntime"])
+
+
+@pytest.mark.slow
+def test_bench_measures_side_by_side_and_ends_with_the_parsable_line(trained_model, prepared, tmp_path, capsys):
+    assert bench.main(["--model-dir", str(trained_model), "--data-dir", str(prepared), "--work-dir", str(tmp_path),
+                       "--backends", "eager,onednn,onednn-bf16,torchscript", "--runs", "50", "--rounds", "2",
+                       "--warmup", "1", "--sgemm-size", "256"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    winner, vs_eager, roofline_gap, best_fp32_gap = LAST_LINE.match(out[-1]).groups()
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    s = saved["selection"]
+    assert winner == s["winner"] == s["ranking"][0] and winner in ("eager", "onednn", "torchscript")
+    ran = s["backends"]
+    assert ran["onednn-bf16"]["status"] in ("ok", "skipped")
+    for name in ("eager", "onednn", "torchscript"):
+        r = ran[name]
+        assert r["agreement"] == 100.0 and r["latency"]["batch1"]["runs"] == r["latency"]["batch64"]["runs"] == 50
+    b64 = {n: ran[n]["latency"]["batch64"]["median_ms"] for n in ("eager", winner)}
+    assert float(vs_eager) == pytest.approx(b64["eager"] / b64[winner], abs=0.006)
+    assert float(roofline_gap) == pytest.approx(b64[winner] / saved["roofline_ms"], abs=0.006)
+    assert saved["roofline_ms"] == pytest.approx(ran["eager"]["flops_per_image"] * 64 / saved["peak"]["gflops"] / 1e6)
+    assert float(best_fp32_gap) <= float(roofline_gap) + 0.005
+    assert any(line.startswith("fp32 peak = ") for line in out) and out[-2].startswith("targets: ")

@@ -1,0 +1,106 @@
+"""The evaluate step's core: statistics, batching, quality numbers and one backend end to end."""
+
+import pytest
+import torch
+
+from components import backends, evaluate
+from components.evaluate import (
+    batch_of,
+    calibration_images,
+    confusion_matrix,
+    evaluate_backend,
+    latency_stats,
+    predict_all,
+    quality,
+)
+from components.model import NUM_CLASSES, load_model_artifact, normalize
+from components.preprocess import load_split
+
+
+def test_latency_statistics_are_exact_on_known_times():
+    stats = latency_stats([float(t) for t in range(100, 0, -1)], batch=64, flops_per_image=1_000_000)
+    assert stats == {"batch": 64, "runs": 100, "median_ms": 50.5, "p90_ms": 90.0, "p99_ms": 99.0, "min_ms": 1.0,
+                     "images_per_second": pytest.approx(64 / 50.5 * 1000),
+                     "gflops_per_second": pytest.approx(64e6 / 50.5e-3 / 1e9)}
+
+
+def test_predict_all_uses_only_full_batches_and_drops_the_padding():
+    x = torch.arange(130, dtype=torch.float32).view(130, 1, 1, 1).expand(130, 3, 2, 2)
+    shapes = []
+
+    def predict(batch):                     # "class" = the image's own index, mod 43
+        shapes.append(tuple(batch.shape))
+        return torch.nn.functional.one_hot(batch[:, 0, 0, 0].long() % NUM_CLASSES, NUM_CLASSES).float()
+
+    assert torch.equal(predict_all(predict, x), torch.arange(130) % NUM_CLASSES)
+    assert shapes == [(64, 3, 2, 2)] * 3
+
+
+def test_batch_of_repeats_a_short_split():
+    x = torch.randn(5, 3, 4, 4)
+    b = batch_of(x, 12)
+    assert b.shape == (12, 3, 4, 4) and b.is_contiguous()
+    assert torch.equal(b[5:10], x) and torch.equal(b[:3], batch_of(x, 3))
+
+
+def test_quality_and_confusion_matrix_count_correctly():
+    labels = torch.tensor([0, 1, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 2])
+    reference = torch.tensor([0, 1, 1, 1])
+    assert quality(predictions, reference, labels) == {"accuracy": 75.0, "agreement": 75.0,
+                                                       "reference_accuracy": 50.0, "test_images": 4}
+    m = torch.tensor(confusion_matrix(labels, predictions))
+    assert m.shape == (NUM_CLASSES, NUM_CLASSES) and m.sum() == 4
+    assert m[0, 0] == m[1, 1] == m[2, 1] == m[2, 2] == 1
+
+
+def test_calibration_images_are_a_fixed_normalized_sample_of_training_images(prepared):
+    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    first = calibration_images(prepared, norm, count=20)
+    assert first.shape == (20, 3, 32, 32) and torch.equal(first, calibration_images(prepared, norm, count=20))
+    train = normalize(load_split(prepared, "train")["images"], norm["mean"], norm["std"])
+    assert all(any(torch.equal(img, t) for t in train) for img in first[:5])
+    assert not torch.equal(first, train[:20]), "a seeded sample over all classes, not the first images"
+
+
+@pytest.fixture(scope="module")
+def onednn_result(trained_model, prepared):
+    return evaluate_backend(str(trained_model), str(prepared), "onednn", runs=50, warmup=2)
+
+
+@pytest.mark.slow
+def test_evaluate_measures_accuracy_agreement_and_latency(onednn_result, trained_model, prepared):
+    r = onednn_result
+    _, card = load_model_artifact(trained_model)
+    labels = load_split(prepared, "test")["labels"]
+    assert r["status"] == "ok" and r["backend"] == "onednn" and r["precision"] == "fp32"
+    assert r["agreement"] == 100.0 and r["accuracy"] == r["reference_accuracy"] > 50.0
+    assert r["test_images"] == len(labels) and r["threads"] == torch.get_num_threads()
+    assert r["flops_per_image"] == card["flops_per_image"] > 0
+    cm = torch.tensor(r["confusion_matrix"])
+    assert cm.sum() == len(labels) and cm.sum(1).tolist() == torch.bincount(labels, minlength=NUM_CLASSES).tolist()
+    assert cm.trace() / len(labels) * 100 == pytest.approx(r["accuracy"])
+    assert set(r["latency"]) == {"batch1", "batch64"}
+    for batch, lat in ((1, r["latency"]["batch1"]), (64, r["latency"]["batch64"])):
+        assert lat["batch"] == batch and lat["runs"] == 50
+        assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+        assert lat["images_per_second"] == pytest.approx(batch / lat["median_ms"] * 1000)
+    assert r["prepare_seconds"] >= 0 and r["calibration_images"] == 0
+
+
+def test_an_unavailable_backend_is_reported_skipped_with_its_reason(monkeypatch, trained_model, prepared):
+    fake = backends.Backend("fancy", "a fancy unit", "magic", "int4", lambda m, e, c: m,
+                            unavailable=lambda: "this CPU has no fancy unit")
+    monkeypatch.setitem(backends.BACKENDS, "fancy", fake)
+    r = evaluate_backend(str(trained_model), str(prepared), "fancy")
+    assert r == {"backend": "fancy", "description": "a fancy unit", "enabled_by": "magic", "precision": "int4",
+                 "needs_calibration": False, "status": "skipped", "reason": "this CPU has no fancy unit"}
+
+
+def test_too_few_timed_runs_are_refused(trained_model, prepared):
+    with pytest.raises(ValueError, match="at least 50 timed runs"):
+        evaluate_backend(str(trained_model), str(prepared), "eager", runs=10)
+
+
+def test_min_runs_is_the_issue_minimum():
+    assert evaluate.MIN_RUNS == 50 and evaluate.LATENCY_BATCHES == (1, 64)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from PIL import Image
+
+from components.model import (
+    ARCHITECTURES,
+    DEFAULT_ARCH,
+    NUM_CLASSES,
+    ImageStandardize,
+    ModelArtifactError,
+    build_model,
+    count_flops,
+    load_model_artifact,
+    normalize,
+    save_model_artifact,
+    to_uint8_32,
+)
+
+
+def test_every_architecture_maps_a_batch_to_class_logits():
+    for arch in ARCHITECTURES:
+        assert build_model(arch).eval()(torch.randn(5, 3, 32, 32)).shape == (5, NUM_CLASSES), arch
+
+
+def test_unknown_architecture_names_the_known_ones():
+    with pytest.raises(ValueError, match="'lp'"):
+        build_model("resnet50")
+
+
+def macs(*layers):   # (output pixels, inputs per output, outputs) per conv / linear layer
+    return sum(p * i * o for p, i, o in layers)
+
+
+def test_flops_are_the_layer_arithmetic():
+    lp = macs((30 * 30, 3 * 9, 32), (13 * 13, 32 * 9, 64), (1, 64 * 36, 128), (1, 128, NUM_CLASSES))
+    assert count_flops(build_model("lp")) == 2 * lp == 8_386_048
+    signnet = macs((32 * 32, 3 * 9, 24), (16 * 16, 24 * 9, 48), (8 * 8, 48 * 9, 96), (1, 96 * 16, 128),
+                   (1, 128, NUM_CLASSES))
+    assert count_flops(build_model("signnet")) == 2 * signnet == 12_348_160
+
+
+def test_image_standardize_removes_brightness_and_contrast_but_keeps_colour():
+    standardize = ImageStandardize()
+    x = torch.randn(4, 3, 32, 32)    # normalized images: per-channel mean 0, std 1
+    y = standardize(x)
+    assert torch.allclose(y, standardize(2.5 * x - 0.7), rtol=1e-3, atol=1e-4)   # up to eps
+    assert y.mean(dim=(1, 2, 3)).abs().max() < 1e-5
+    assert torch.allclose(y.var(dim=(1, 2, 3)), torch.ones(4), atol=1e-2)
+    red, blue = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    red[:, 0, 8:24, 8:24] = 1.0
+    blue[:, 2, 8:24, 8:24] = 1.0
+    assert not torch.allclose(standardize(red), standardize(blue))
+    flat = standardize(torch.full((1, 3, 32, 32), 0.3))
+    assert torch.equal(flat, torch.zeros_like(flat))
+
+
+def test_to_uint8_32_resizes_any_crop_and_keeps_its_colour():
+    tensor = to_uint8_32(Image.new("RGB", (61, 45), (200, 30, 90)))
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 32, 32)
+    assert tensor[:, 16, 16].tolist() == [200, 30, 90]
+
+
+def test_normalize_scales_then_standardizes_per_channel():
+    images = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
+    out = normalize(images, [0.5, 0.25, 0.0], [0.5, 0.25, 2.0])
+    assert out.dtype == torch.float32
+    assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 0.5]
+
+
+def test_artifact_round_trip_and_tampered_weights(tmp_path):
+    model = build_model(DEFAULT_ARCH).eval()
+    card = save_model_artifact(tmp_path, model, {"architecture": DEFAULT_ARCH})
+    loaded, loaded_card = load_model_artifact(tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded_card["weights_sha256"] == card["weights_sha256"] and len(card["class_names"]) == NUM_CLASSES
+    with open(tmp_path / card["weights_file"], "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        load_model_artifact(tmp_path)

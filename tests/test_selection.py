@@ -1,0 +1,103 @@
+"""The select rule on synthetic evaluation results: guard first, then latency, then the tie-break."""
+
+import pytest
+
+from components.selection import NoEligibleBackend, latency_chart, markdown_report, select_winner
+
+REFERENCE_ACCURACY = 95.0
+
+
+def result(name, b1, b64, accuracy=REFERENCE_ACCURACY, agreement=100.0, precision="fp32"):
+    return {"backend": name, "description": f"{name} backend", "enabled_by": "x", "precision": precision,
+            "status": "ok", "accuracy": accuracy, "agreement": agreement, "reference_accuracy": REFERENCE_ACCURACY,
+            "test_images": 817, "threads": 2, "prepare_seconds": 0.5, "confusion_matrix": [[1]],
+            "latency": {"batch1": {"batch": 1, "runs": 50, "median_ms": b1, "p90_ms": b1 * 1.1, "p99_ms": b1 * 1.3,
+                                   "images_per_second": 1000 / b1},
+                        "batch64": {"batch": 64, "runs": 50, "median_ms": b64, "p90_ms": b64 * 1.1,
+                                    "p99_ms": b64 * 1.3, "images_per_second": 64000 / b64}}}
+
+
+def skipped(name, reason="no bf16 here"):
+    return {"backend": name, "description": "d", "enabled_by": "e", "precision": "bf16", "status": "skipped",
+            "reason": reason}
+
+
+RESULTS = [
+    result("eager", 1.6, 60.0),
+    result("onednn", 1.4, 40.0),
+    result("onnxruntime", 0.5, 20.0),
+    result("int8-lossy", 0.3, 10.0, accuracy=94.2, agreement=97.0, precision="int8"),   # fastest, less accurate
+    result("int8-disagrees", 0.4, 12.0, accuracy=95.1, agreement=98.5, precision="int8"),
+    skipped("onednn-bf16"),
+]
+
+
+def test_the_guard_rejects_a_faster_but_less_accurate_backend():
+    s = select_winner(RESULTS)
+    assert s["winner"] == "onnxruntime"
+    v = {name: r["verdict"] for name, r in s["backends"].items()}
+    assert v["int8-lossy"] == ("rejected: accuracy 94.20 % is -0.80 points from the reference 95.00 % "
+                               "(tolerance ±0.5)")
+    assert v["int8-disagrees"] == "rejected: top-1 agreement with the reference 98.50 % < 99.0 %"
+    assert v["onednn-bf16"] == "skipped: no bf16 here"
+    assert v["onnxruntime"] == "winner: 0.500 ms median at batch 1"
+    assert v["eager"] == "slower: 1.600 ms vs 0.500 ms median at batch 1 (3.20x)"
+    assert s["ranking"] == ["onnxruntime", "onednn", "eager"]
+    assert "confusion_matrix" not in s["backends"]["eager"]
+    assert list(s["backends"]) == [r["backend"] for r in RESULTS], "every backend is reported, skipped ones too"
+
+
+def test_the_parameters_move_the_decision():
+    assert select_winner(RESULTS, accuracy_tolerance=1.0)["winner"] == "onnxruntime", "agreement still guards"
+    assert select_winner(RESULTS, min_agreement=98.0)["winner"] == "int8-disagrees"
+    assert select_winner(RESULTS, accuracy_tolerance=1.0, min_agreement=97.0)["winner"] == "int8-lossy"
+    s = select_winner(RESULTS, serving_batch=64)
+    assert s["winner"] == "onnxruntime" and s["parameters"]["serving_batch"] == 64
+    assert "lowest median latency at batch 64" in s["rule"]
+
+
+def test_accuracy_above_the_reference_by_more_than_the_tolerance_is_also_rejected():
+    s = select_winner([result("eager", 2.0, 60.0), result("odd", 0.1, 5.0, accuracy=96.0)])
+    assert s["winner"] == "eager" and "+1.00 points" in s["backends"]["odd"]["verdict"]
+
+
+def test_a_tie_at_the_serving_batch_is_broken_by_batch_64():
+    s = select_winner([result("eager", 2.0, 60.0), result("a", 0.5, 30.0), result("b", 0.5, 25.0)])
+    assert s["winner"] == "b"
+    assert s["backends"]["a"]["verdict"] == "slower: tied at batch 1 (0.500 ms), then 30.000 vs 25.000 ms at batch 64"
+
+
+def test_serving_batch_picks_the_batch_64_winner_when_asked():
+    results = [result("eager", 2.0, 60.0), result("small", 0.4, 30.0), result("big", 0.6, 15.0)]
+    assert select_winner(results)["winner"] == "small"
+    assert select_winner(results, serving_batch=64)["winner"] == "big"
+
+
+def test_no_eligible_backend_is_an_error_naming_every_reason():
+    with pytest.raises(NoEligibleBackend, match=r"int8-lossy: rejected.*; onednn-bf16: skipped: no bf16 here$"):
+        select_winner([RESULTS[3], RESULTS[5]])
+    with pytest.raises(NoEligibleBackend, match="no evaluation results"):
+        select_winner([])
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="batch 8 was not measured"):
+        select_winner(RESULTS, serving_batch=8)
+    with pytest.raises(ValueError, match="duplicate backend results"):
+        select_winner([RESULTS[0], RESULTS[0]])
+
+
+def test_report_shows_table_rule_winner_and_why_each_loser_lost():
+    s = select_winner(RESULTS)
+    s["model"] = {"architecture": "signnet", "weights_sha256": "ab" * 32, "flops_per_image": 21_179_136}
+    png = latency_chart(s)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+    text = markdown_report(s, png)
+    assert "**Winner: `onnxruntime`**" in text and s["rule"] in text
+    assert "| **onnxruntime** | fp32 | 95.00 | 100.00 | 0.500 | 0.650 | 20.000 | 26.000 | 3200 | 0.5 | winner" in text
+    assert "| onednn-bf16 | bf16 | – |" in text
+    assert "21.2 MFLOP per image" in text and "2 threads, 50 timed runs" in text
+    losers = text.split("## Why the others lost")[1]
+    for name in ("eager", "onednn", "int8-lossy", "int8-disagrees", "onednn-bf16"):
+        assert f"- `{name}`: {s['backends'][name]['verdict']}" in losers
+    assert "![latency chart](data:image/png;base64," in text
