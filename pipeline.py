@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             except json.JSONDecodeError:
                 params[key] = value
         package = compile_pipeline(args.package)
-        name = yaml.safe_load(Path(package).read_text())["pipelineInfo"]["name"]
+        name = next(yaml.safe_load_all(Path(package).read_text()))["pipelineInfo"]["name"]  # then platform spec
         deadline = time.monotonic() + 180
         while True:  # the port-forward, or KFP's API server itself, may still be starting
             try:

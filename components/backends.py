@@ -191,20 +191,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def int8_types(arm: bool = ARM, flags: set[str] | None = None) -> tuple[str, str, str]:
-    """(activation type, weight type, why) for ORT static int8 on this CPU.
+def int8_types(arm: bool = ARM, flags: set[str] | None = None) -> tuple[str, str, bool, str]:
+    """(activation type, weight type, reduce_range, why) for ORT static int8 on this CPU.
 
-    u8 x s8 is ORT's fast path where the CPU has a u8 x s8 dot product that accumulates in int32
-    (x86 VNNI / AMX, arm64 dot product). Plain AVX2 multiplies u8 x s8 pairs into int16 with
-    saturation (vpmaddubsw), which visibly changes predictions, so there we use u8 x u8.
+    u8 x s8 is ORT's fast path. Where the CPU has a u8 x s8 dot product accumulating in int32
+    (x86 VNNI / AMX, arm64 dot product) full 8-bit weights are exact. Plain AVX2 multiplies
+    u8 x s8 pairs into a saturating int16 (vpmaddubsw), so there weights use 7 bits
+    (reduce_range), as ONNX Runtime recommends for CPUs without VNNI.
     """
     flags = cpu_flags() if flags is None else flags
     if arm:
-        return "QUInt8", "QInt8", "arm64: u8 x s8 via dot-product instructions"
+        return "QUInt8", "QInt8", False, "arm64: u8 x s8 via dot-product instructions"
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if vnni:
-        return "QUInt8", "QInt8", f"{'/'.join(vnni)}: u8 x s8 accumulates in int32 without saturation"
-    return "QUInt8", "QUInt8", "no VNNI/AMX: u8 x u8 avoids AVX2's saturating u8 x s8 int16 pairs"
+        return "QUInt8", "QInt8", False, f"{'/'.join(vnni)}: u8 x s8 accumulates in int32 without saturation"
+    return "QUInt8", "QInt8", True, "no VNNI/AMX: 7-bit weights keep AVX2's saturating u8 x s8 int16 pairs exact"
+
+
+INT8_OPS = ["Conv", "Gemm", "MatMul"]   # the arithmetic; normalization, pooling and BN stay fp32
 
 
 def _onnxruntime_int8(model, example, calibration) -> Predict:
@@ -212,8 +216,8 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = export_onnx(model, example)
-    activations, weights, _ = int8_types()
-    out = fp32.with_name(f"{fp32.stem}-int8-{activations}-{weights}-{_digest(calibration)}.onnx")
+    activations, weights, reduce_range, _ = int8_types()
+    out = fp32.with_name(f"{fp32.stem}-int8-{activations}-{weights}{'-rr' * reduce_range}-{_digest(calibration)}.onnx")
     if not out.exists():
         start = time.perf_counter()
         prepared = fp32.with_name(fp32.stem + "-pre.onnx")
@@ -228,9 +232,10 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
                 return None if batch is None else {"x": batch}
 
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, op_types_to_quantize=INT8_OPS,
                         activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights))
-        print(f"backends: int8 quantization ({activations} x {weights}, {len(calibration)} calibration "
-              f"images) in {time.perf_counter() - start:.1f}s", flush=True)
+        print(f"backends: int8 quantization ({activations} x {weights}{', reduce_range' * reduce_range}, "
+              f"{len(calibration)} calibration images) in {time.perf_counter() - start:.1f}s", flush=True)
     return _ort_session(out)
 
 
@@ -284,8 +289,9 @@ def _no_quantizer() -> str | None:
 
 
 def _int8_description() -> str:
-    activations, weights, why = int8_types()
-    return f"{activations[1:].lower()} activations x {weights[1:].lower()} weights ({why})"
+    activations, weights, reduce_range, why = int8_types()
+    return (f"{activations[1:].lower()} activations x {'7-bit ' * reduce_range}{weights[1:].lower()} weights "
+            f"on {'/'.join(INT8_OPS)} ({why})")
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (

@@ -119,13 +119,13 @@ def test_int8_onnxruntime_keeps_the_predictions(model_and_batch, trained_model, 
     assert (got - want).abs().max() < 0.1 * want.abs().max()
 
 
-@pytest.mark.parametrize("arm, flags, weights", [
-    (False, {"avx2", "fma"}, "QUInt8"),
-    (False, {"avx2", "fma", "avx512f", "avx512_vnni"}, "QInt8"),
-    (False, {"avx2", "avx_vnni"}, "QInt8"),
-    (False, {"amx_int8", "avx512f"}, "QInt8"),
-    (True, {"asimd", "asimddp"}, "QInt8"),
+@pytest.mark.parametrize("arm, flags, reduce_range", [
+    (False, {"avx2", "fma"}, True),
+    (False, {"avx2", "fma", "avx512f", "avx512_vnni"}, False),
+    (False, {"avx2", "avx_vnni"}, False),
+    (False, {"amx_int8", "avx512f"}, False),
+    (True, {"asimd", "asimddp"}, False),
 ])
-def test_int8_weight_type_follows_the_instruction_set(arm, flags, weights):
-    activations, chosen, why = int8_types(arm, flags)
-    assert (activations, chosen) == ("QUInt8", weights) and why
+def test_int8_weights_use_7_bits_only_without_an_int32_dot_product(arm, flags, reduce_range):
+    activations, weights, chosen, why = int8_types(arm, flags)
+    assert (activations, weights, chosen) == ("QUInt8", "QInt8", reduce_range) and why

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,25 @@ def test_peak_uses_cores_clock_and_flop_per_cycle(tmp_path):
     assert bench.fp32_peak(2, cpu, ghz=3.0).gflops == pytest.approx(96.0)
     with pytest.raises(SystemExit, match="--clock-ghz"):
         bench.clock_ghz(bench.parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64"), tmp_path / "none")
+
+
+def test_a_faster_sgemm_raises_the_clock_and_a_slower_one_never_lowers_it():
+    peak = bench.Peak(cores=2, ghz=1.996, per_cycle=16, why="Zen 1", clock_source="cpu MHz")
+    assert bench.implied_by_sgemm(peak, 40.0) is peak
+    raised = bench.implied_by_sgemm(peak, 81.8)
+    assert raised.ghz == pytest.approx(81.8 / 32) and raised.gflops == pytest.approx(81.8)
+    assert "raised to 2.556 GHz" in raised.clock_source and raised.per_cycle == 16
+
+
+def test_load_meter_sees_this_process_working():
+    meter = bench.LoadMeter()
+    meter.start()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    load = meter.stop()
+    assert load["own_cpu_percent"] > 0 and 0 <= load["other_cpu_percent"] <= 100
+    assert load["own_cpu_percent"] * load["seconds"] * load["cpus"] / 100 == pytest.approx(0.3, abs=0.05)
 
 
 def test_the_real_cpu_is_read():

@@ -1,0 +1,242 @@
+"""The cluster path agrees with itself: every image the compiled pipeline names is built (Dockerfile,
+Makefile, workflow) under the same name; the Makefile, manifests and kind-config use components/cluster.py's
+names; `make -n pipeline` prints the whole sequence and runs nothing; the workflows keep their policies
+(pinned actions, timeouts, least privilege, no secrets on pull requests). Each check has a negative test."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import cluster
+from components.images import image, setting, steps
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = {p.name: p for p in ROOT.glob(".github/workflows/*.yml")}
+
+
+def make(*args, env=None) -> str:
+    if not shutil.which("make"):
+        pytest.fail("make is not installed; install it with: apt-get install make")
+    result = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def make_variable(name: str) -> str:
+    return make("-pn", "help").split(f"\n{name} := ", 1)[1].split("\n", 1)[0]
+
+
+# --------------------------------------------------------------------------- images
+@pytest.fixture(scope="module")
+def ir_text(tmp_path_factory) -> str:
+    from pipeline import compile_pipeline
+
+    return Path(compile_pipeline(str(tmp_path_factory.mktemp("ir") / "pipeline.yaml"))).read_text()
+
+
+def referenced_images(ir: str) -> set[str]:
+    prefix = f"{setting('IMAGE_REGISTRY')}/{setting('IMAGE_PREFIX')}"
+    return set(re.findall(re.escape(prefix) + r"[a-z0-9-]+:[\w.-]+", ir))
+
+
+def image_problems(ir: str, images_dir: Path, make_images: str, make_load: str, tag: str) -> list[str]:
+    """What the compiled IR references but images/, `make images` or `make load` would not provide."""
+    problems = []
+    for name in sorted(referenced_images(ir)):
+        step = name.split("/")[-1].split(":")[0].removeprefix(setting("IMAGE_PREFIX"))
+        built = name.rsplit(":", 1)[0] + f":{tag}"
+        if step not in steps() or name != image(step):
+            problems.append(f"{name}: not an image of images/images.env STEPS")
+        if not (images_dir / step / "Dockerfile").is_file():
+            problems.append(f"{name}: no {images_dir.name}/{step}/Dockerfile")
+        if f"-t {built} images/{step}" not in make_images.replace("\\\n\t", ""):
+            problems.append(f"{name}: `make images` does not build it from images/{step}")
+        if built not in make_load.split():
+            problems.append(f"{name}: `make load` does not load it into kind")
+    return problems
+
+
+def test_every_image_the_pipeline_references_is_built_and_loaded(ir_text):
+    names = referenced_images(ir_text)
+    assert {"train", "evaluate", "deploy", "serve"} <= {n.split(":")[0].rsplit("-", 1)[-1] for n in names}
+    tag = "abc123"
+    assert not image_problems(ir_text, ROOT / "images", make("-n", "images", f"IMAGE_TAG={tag}"),
+                              make("-n", "load", f"IMAGE_TAG={tag}"), tag)
+
+
+def test_the_image_check_catches_a_missing_dockerfile_and_build(ir_text, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(ROOT / "images", images)
+    shutil.rmtree(images / "train")
+    make_images = make("-n", "images", "IMAGE_TAG=abc123").replace("images/serve", "images/serving")
+    problems = image_problems(ir_text, images, make_images, make("-n", "load", "IMAGE_TAG=abc123"), "abc123")
+    assert sorted(problems) == [f"{image('serve')}: `make images` does not build it from images/serve",
+                                f"{image('train')}: no images/train/Dockerfile"]
+
+
+def test_images_env_steps_are_exactly_the_dockerfiles():
+    assert sorted(steps()) == sorted(p.parent.name for p in ROOT.glob("images/*/Dockerfile"))
+    assert steps()[0] == "base"
+    for step in steps()[1:]:
+        text = (ROOT / f"images/{step}/Dockerfile").read_text()
+        assert "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n" in text, f"images/{step} starts from gtsrb-base"
+        assert f'org.opencontainers.image.title="gtsrb-{step}"' in text
+
+
+def test_the_base_python_has_one_source():
+    dockerfile = (ROOT / "images/base/Dockerfile").read_text()
+    assert f"ARG BASE_PYTHON={setting('BASE_PYTHON')}\n" in dockerfile
+    assert f"--build-arg BASE_PYTHON={setting('BASE_PYTHON')}" in make("-n", "image-base")
+
+
+def test_kind_never_gets_a_latest_tag():
+    assert ":latest" not in make("-n", "load", "IMAGE_TAG=latest")
+    assert f"{image('train').rsplit(':', 1)[0]}:dev" in make("-n", "load", "IMAGE_TAG=latest")
+
+
+# --------------------------------------------------------------------------- names
+def test_makefile_kind_config_and_manifests_use_the_cluster_names():
+    assert make_variable("NAMESPACE") == cluster.NAMESPACE
+    assert make_variable("INFERENCE_SERVICE") == cluster.INFERENCE_SERVICE
+    assert yaml.safe_load((ROOT / "kind-config.yaml").read_text())["name"] == make_variable("KIND_CLUSTER")
+    assert name_problems(load_manifests()) == []
+
+
+def load_manifests() -> dict[str, dict]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for p in sorted(ROOT.glob("manifests/gtsrb/*.yaml"))
+            if p.name != "kustomization.yaml" for d in yaml.safe_load_all(p.read_text()) if d}
+
+
+def name_problems(objects: dict[str, dict]) -> list[str]:
+    problems = []
+    host, _, port = cluster.MINIO_ENDPOINT.partition(":")
+    service_name, service_namespace = host.split(".")[:2]
+    service = objects.get(f"Service/{service_name}")
+    if service is None or service_namespace != cluster.NAMESPACE or int(port) not in [
+            p["port"] for p in service["spec"]["ports"]]:
+        problems.append(f"no Service for MINIO_ENDPOINT {cluster.MINIO_ENDPOINT}")
+    secret = objects.get(f"Secret/{cluster.S3_SECRET}")
+    endpoint = secret and secret["metadata"]["annotations"].get("serving.kserve.io/s3-endpoint")
+    if endpoint != cluster.MINIO_ENDPOINT:
+        problems.append(f"Secret {cluster.S3_SECRET} missing or its s3-endpoint is not {cluster.MINIO_ENDPOINT}")
+    account = objects.get(f"ServiceAccount/{cluster.SERVICE_ACCOUNT}")
+    if account is None or {"name": cluster.S3_SECRET} not in account.get("secrets", []):
+        problems.append(f"ServiceAccount {cluster.SERVICE_ACCOUNT} missing or without {cluster.S3_SECRET}")
+    binding = objects.get("RoleBinding/gtsrb-deployer")
+    if binding is None or {"kind": "ServiceAccount", "name": cluster.DEPLOYER_SERVICE_ACCOUNT,
+                           "namespace": cluster.NAMESPACE} not in binding["subjects"]:
+        problems.append(f"no RoleBinding for {cluster.NAMESPACE}/{cluster.DEPLOYER_SERVICE_ACCOUNT}")
+    rules = objects.get("Role/gtsrb-deployer", {}).get("rules", [])
+    granted = {(resource, verb) for r in rules for resource in r["resources"] for verb in r["verbs"]}
+    needed = {("inferenceservices", v) for v in ("get", "create", "update")} | {("events", "list")}
+    if not needed <= granted:
+        problems.append(f"Role gtsrb-deployer lacks {sorted(needed - granted)}")
+    return problems
+
+
+def test_the_name_check_catches_a_renamed_secret_and_a_missing_verb():
+    objects = load_manifests()
+    objects["Secret/gtsrb-minio-s3"]["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] = "minio:9000"
+    objects["Role/gtsrb-deployer"]["rules"][0]["verbs"].remove("update")
+    assert name_problems(objects) == [
+        f"Secret {cluster.S3_SECRET} missing or its s3-endpoint is not {cluster.MINIO_ENDPOINT}",
+        "Role gtsrb-deployer lacks [('inferenceservices', 'update')]"]
+
+
+# --------------------------------------------------------------------------- make -n pipeline
+def test_make_n_pipeline_prints_the_whole_sequence_and_runs_nothing(tmp_path):
+    ran = tmp_path / "ran"
+    for name in ("docker", "kind", "kubectl", "curl"):           # any call of these would leave a trace
+        stub = tmp_path / name
+        stub.write_text(f"#!/bin/sh\necho {name} >> {ran}\nexit 1\n")
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    out = make("-n", "pipeline", env=env)
+    assert not ran.exists(), f"make -n ran {ran.read_text()}"
+    expected = ["kind create cluster --name gtsrb --config kind-config.yaml",
+                "-f images/base/Dockerfile", "images/serve", "kind load docker-image --name gtsrb",
+                "apply -k manifests/kfp/cluster-scoped", "apply -k manifests/kfp", "apply -k manifests/gtsrb",
+                "wait --for=condition=Available deployment -l application-crd-id=kubeflow-pipelines",
+                "apply -k manifests/cert-manager", "apply --server-side --force-conflicts -k manifests/kserve",
+                "port-forward svc/ml-pipeline", "pipeline.py submit", "--summary-out runs/cluster/summary.json",
+                "--arg deploy_target=kserve"]
+    positions = [out.find(step) for step in expected]
+    assert -1 not in positions, [s for s, p in zip(expected, positions, strict=True) if p == -1]
+    assert positions == sorted(positions), "in order: cluster, images, load, kfp, kserve, run"
+    assert "kubectl --context kind-gtsrb" in out and "kubectl apply" not in out, "only the kind cluster"
+
+
+def test_arm64_hosts_register_qemu_for_mlmd():
+    out = make("-n", "kfp", "EMULATE_AMD64=yes")
+    assert f"docker run --privileged --rm {setting('BINFMT_IMAGE')} --install amd64" in out
+    assert "--install amd64" not in make("-n", "kfp", "EMULATE_AMD64=")
+
+
+def test_every_cluster_target_has_help():
+    helped = set(re.findall(r"^  make (\S+)", make("help"), re.MULTILINE))
+    assert {"cluster", "images", "load", "kfp", "kserve", "pipeline", "ui", "endpoint", "clean"} <= helped
+
+
+# --------------------------------------------------------------------------- workflow policies
+PINNED_ACTION = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{40}$")
+MAIN_PUSH = "github.event_name == 'push' && github.ref == 'refs/heads/main'"
+
+
+def workflow_problems(name: str, text: str) -> list[str]:
+    doc = yaml.safe_load(text)
+    problems = [] if "permissions" in doc else [f"{name}: no workflow-level permissions"]
+    pinned = dict(re.findall(r"uses: (\S+)\s+# (v\d+\.\d+\.\d+)", text))
+    for job_name, job in doc["jobs"].items():
+        where = f"{name} job {job_name}"
+        if "timeout-minutes" not in job:
+            problems.append(f"{where}: no timeout-minutes")
+        for step in job.get("steps", []):
+            uses = step.get("uses")
+            if uses and not (PINNED_ACTION.match(uses) and uses in pinned):
+                problems.append(f"{where}: {uses} is not pinned to a commit with its version in a comment")
+            if "secrets." in yaml.safe_dump(step) and MAIN_PUSH not in f"{job.get('if', '')} {step.get('if', '')}":
+                problems.append(f"{where}: step uses secrets outside pushes to main")
+    return problems
+
+
+def test_workflows_pin_actions_time_out_and_keep_secrets_to_main():
+    assert {"ci.yml", "pipeline.yml", "pr-report.yml"} <= set(WORKFLOWS)
+    assert [p for name, path in WORKFLOWS.items() for p in workflow_problems(name, path.read_text())] == []
+
+
+def test_the_workflow_check_catches_a_tag_a_missing_timeout_and_a_secret_on_pull_requests():
+    text = (WORKFLOWS["pipeline.yml"].read_text()
+            .replace("    timeout-minutes: 60\n", "")
+            .replace("uses: actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1", "uses: actions/checkout@v7")
+            .replace("        if: github.event_name == 'push' && github.ref == 'refs/heads/main'\n        with:\n"
+                     "          username", "        with:\n          username", 1))
+    problems = workflow_problems("pipeline.yml", text)
+    assert "pipeline.yml job build-amd64: no timeout-minutes" in problems
+    assert "pipeline.yml job pipeline: actions/checkout@v7 is not pinned to a commit with its version in a comment" \
+        in problems
+    assert "pipeline.yml job pipeline: step uses secrets outside pushes to main" in problems
+
+
+def test_the_pipeline_workflow_runs_the_make_targets_on_arm_and_publishes_both_architectures():
+    doc = yaml.safe_load(WORKFLOWS["pipeline.yml"].read_text())
+    jobs = doc["jobs"]
+    runs = lambda job: " ".join(s.get("run", "") for s in jobs[job]["steps"])  # noqa: E731
+    assert jobs["pipeline"]["runs-on"] == "ubuntu-24.04-arm"
+    assert "make pipeline" in runs("pipeline") and "make endpoint" in runs("pipeline")
+    assert "images.sh push arm64" in runs("pipeline") and "images.sh push amd64" in runs("build-amd64")
+    assert jobs["build-amd64"]["runs-on"] == "ubuntu-24.04" and "make images" in runs("build-amd64")
+    assert jobs["publish"]["needs"] == ["pipeline", "build-amd64"] and jobs["publish"]["if"] == MAIN_PUSH
+    assert "images.sh manifest arm64 amd64" in runs("publish")
+    assert set(doc[True]) == {"push", "pull_request", "workflow_dispatch"}   # PyYAML reads `on:` as True
+    ci = yaml.safe_load(WORKFLOWS["ci.yml"].read_text())["jobs"]["test"]
+    assert set(ci["strategy"]["matrix"]["runner"]) == {"ubuntu-24.04-arm", "ubuntu-24.04"}
+    comment = yaml.safe_load(WORKFLOWS["pr-report.yml"].read_text())
+    assert not any("uses" in s for s in comment["jobs"]["comment"]["steps"]), "never checks out PR code"
