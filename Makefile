@@ -9,7 +9,7 @@ export IMAGE_REGISTRY IMAGE_TAG IMAGE_PREFIX
 VENV ?= .venv
 PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 DATA_DIR ?= data
-EPOCHS ?= 15
+EPOCHS ?=
 BACKENDS ?=
 OUTPUT_DIR ?= runs/latest
 SAMPLE_DIR ?= ../shared/gtsrb-sample
@@ -26,8 +26,8 @@ install: ## create .venv and install the project with its dev tools
 
 .PHONY: local
 local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b)
-	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --epochs $(EPOCHS) --output-dir $(OUTPUT_DIR) \
-		$(if $(BACKENDS),--backends $(BACKENDS))
+	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS))
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)
@@ -138,7 +138,7 @@ pipeline: cluster images load kfp kserve ## all of the above, then compile, uplo
 	IMAGE_TAG=$(CLUSTER_TAG) $(PYTHON) pipeline.py submit --host http://127.0.0.1:$(KFP_API_PORT) \
 		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) --timeout $(RUN_TIMEOUT) \
 		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
-		--arg epochs=$(EPOCHS) --arg deploy_target=kserve $(PIPELINE_ARGS)
+		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) --arg deploy_target=kserve $(PIPELINE_ARGS)
 
 ui: ## port-forward the KFP UI to http://localhost:8080 (KFP_UI_PORT; Ctrl-C stops it)
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline-ui $(KFP_UI_PORT):80

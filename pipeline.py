@@ -1,7 +1,9 @@
-"""The GTSRB pipeline: ingest -> preprocess -> train -> evaluate (one task per backend) -> select.
+"""The GTSRB pipeline: ingest -> preprocess -> train -> evaluate (one task per backend) -> select
+-> serve the winner (local smoke test, or deploy as a KServe InferenceService on a cluster).
 
     python pipeline.py compile   [--output pipeline.yaml]
     python pipeline.py run-local [--data-dir DIR] [--epochs N] [--backends a,b] [--output-dir DIR]
+    python pipeline.py submit    --host URL ...      (a KFP cluster; used by `make pipeline`)
 
 `run-local` runs the same graph on KFP's embedded local runner (no cluster), then writes
 OUTPUT_DIR/summary.json and prints a table.
@@ -28,11 +30,11 @@ from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
 from components.selection import select
 from components.smoke import smoke
-from components.train import train
+from components.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKENDS = list(BACKENDS)
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = TrainConfig.epochs    # sized to the train step's time budget (components/train.py)
 # Latency is only comparable when backends do not race for the same cores: evaluate one
 # backend at a time. Raise on a cluster whose nodes give each task its own cores.
 EVAL_PARALLELISM = 1
@@ -228,8 +230,12 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     if out.exists() and (out / "summary.json").exists():
         shutil.rmtree(out / "artifacts", ignore_errors=True)
-    run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
-              arch=args.arch, seed=args.seed, allow_download=not args.no_download)
+    try:
+        run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
+                  arch=args.arch, seed=args.seed, allow_download=not args.no_download)
+    except RuntimeError as e:   # kfp.local: a task failed; its own error is in the task log above
+        print(f"run-local: {e} (the failing task's error is printed above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """The pipeline graph: compiled IR, and whole runs on KFP's embedded local runner."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -77,14 +78,17 @@ def test_run_local_end_to_end_on_synthetic_data(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, tmp_path):
+def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, tmp_path, capfd):
     root = tmp_path / "root"
     shutil.copytree(synthetic_root, root)
     bad = root / "gtsrb/GTSRB/Training/00003/00000_00001.ppm"
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(RuntimeError, match="Inner task failed: .*ingest"):
-        pipeline.run_local(str(root), epochs=1, backends=["eager"], output_dir=str(tmp_path / "out"),
-                           allow_download=False)
+    code = pipeline.main(["run-local", "--data-dir", str(root), "--epochs", "1", "--backends", "eager",
+                          "--output-dir", str(tmp_path / "out"), "--no-download"])
+    out, err = capfd.readouterr()
+    assert code == 1
+    assert "run-local: " in err and "ingest" in err                       # the CLI's one-line verdict
+    assert re.search(r"IngestError: .*Training/00003/00000_00001\.ppm", out + err)   # the task's error names the file
     assert not list((tmp_path / "out").glob("artifacts/*/train/model"))
     assert not list((tmp_path / "out").glob("artifacts/*/ingest/raw"))
     assert not (tmp_path / "out" / "summary.json").exists()

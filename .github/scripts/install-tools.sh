@@ -37,6 +37,12 @@ download() {
 
 install_kubectl() {
     command -v kubectl >/dev/null && return
+    # A machine that reaches only package registries: a configured apt source may carry kubectl
+    # (Google Cloud SDK's or Kubernetes' repository); otherwise the checksummed release binary.
+    if [ -n "$(apt-cache policy kubectl 2>/dev/null | awk '/Candidate:/ && $2 != "(none)"')" ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl >/dev/null
+        return
+    fi
     local url
     url="https://dl.k8s.io/release/$KUBECTL_VERSION/bin/linux/$(arch)/kubectl"
     download "$url" kubectl "$url.sha256"
