@@ -129,3 +129,18 @@ def test_int8_onnxruntime_keeps_the_predictions(model_and_batch, trained_model, 
 def test_int8_weights_use_7_bits_only_without_an_int32_dot_product(arm, flags, reduce_range):
     activations, weights, chosen, why = int8_types(arm, flags)
     assert (activations, weights, chosen) == ("QUInt8", "QInt8", reduce_range) and why
+
+
+def test_int8_keeps_the_first_and_last_layer_in_fp32(model_and_batch, tmp_path):
+    import onnx
+
+    model, x, _ = model_and_batch
+    path = backends.export_onnx(model, x)
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type in backends.INT8_OPS]
+    assert len(nodes) > 2
+    assert backends.fp32_ends(path) == [nodes[0].name, nodes[-1].name]
+    assert nodes[0].op_type == "Conv" and nodes[-1].op_type in ("Gemm", "MatMul")
+    tiny = tmp_path / "tiny.onnx"       # nothing left to quantize if both ends were excluded
+    graph = onnx.helper.make_graph(nodes[:2], "g", [], [])
+    onnx.save(onnx.helper.make_model(graph), str(tiny))
+    assert backends.fp32_ends(tiny) == []
