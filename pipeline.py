@@ -38,6 +38,11 @@ DEFAULT_EPOCHS = TrainConfig.epochs    # sized to the train step's time budget (
 # Latency is only comparable when backends do not race for the same cores: evaluate one
 # backend at a time. Raise on a cluster whose nodes give each task its own cores.
 EVAL_PARALLELISM = 1
+# Cluster resources of the heavy tasks (train; evaluate, which also runs torch.compile and ONNX
+# Runtime): no CPU limit, since CFS throttling would distort the latencies evaluate measures.
+# kfp.local ignores them. Measured peak RSS of evaluate (compile, int8) on the sample: 1.04-1.07 GB;
+# full GTSRB adds 120 MB of uint8 tensors.
+TASK_CPU, TASK_MEMORY, TASK_MEMORY_LIMIT = "1", "2Gi", "6Gi"
 # deploy_target="kserve": how long the deploy step waits for the InferenceService to be Ready.
 DEPLOY_READY_SECONDS = 900
 
@@ -53,8 +58,10 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
     raw = ingest(data_dir=data_dir, allow_download=allow_download)
     data = preprocess(raw=raw.outputs["raw"])
     trained = train(data=data.outputs["data"], arch=arch, epochs=epochs, seed=seed)
+    trained.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
     with dsl.ParallelFor(backends, parallelism=EVAL_PARALLELISM) as backend:
         evaluation = evaluate(model=trained.outputs["model"], data=data.outputs["data"], backend=backend)
+        evaluation.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
     chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]), model=trained.outputs["model"],
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)

@@ -434,3 +434,11 @@ def test_deploy_refuses_a_storage_uri_holding_other_weights(fake, store, trained
     storage.upload_artifact(store, trained_model, kfp_uri)
     with pytest.raises(deploy.DeployError, match="holds weights"):
         deploy.resolve_storage_uri(kfp_uri, str(trained_model), "0" * 64, store, cluster.MINIO_BUCKET, "x")
+
+
+def test_ir_heavy_tasks_request_cpu_and_memory_without_a_cpu_limit(ir):
+    spec, _ = ir
+    for step in ("train", "evaluate"):
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == "1" and "resourceCpuLimit" not in resources, step
+        assert resources["resourceMemoryRequest"] == "2Gi" and resources["resourceMemoryLimit"] == "6Gi", step
