@@ -103,6 +103,9 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     # Tasks run this checkout's code in this environment, not their images: expected here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)
+    # CPU/memory requests are for the cluster (TASK_CPU, ...); the local runner ignores them, as expected.
+    warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
+                            category=UserWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts),
                raise_on_error=True)
     start = time.perf_counter()
