@@ -43,6 +43,12 @@ EVAL_PARALLELISM = 1
 # kfp.local ignores them. Measured peak RSS of evaluate (compile, int8) on the sample: 1.04-1.07 GB;
 # full GTSRB adds 120 MB of uint8 tensors.
 TASK_CPU, TASK_MEMORY, TASK_MEMORY_LIMIT = "1", "2Gi", "6Gi"
+
+
+def heavy(task):
+    return task.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
+
+
 # deploy_target="kserve": how long the deploy step waits for the InferenceService to be Ready.
 DEPLOY_READY_SECONDS = 900
 
@@ -58,10 +64,10 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
     raw = ingest(data_dir=data_dir, allow_download=allow_download)
     data = preprocess(raw=raw.outputs["raw"])
     trained = train(data=data.outputs["data"], arch=arch, epochs=epochs, seed=seed)
-    trained.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
+    heavy(trained)
     with dsl.ParallelFor(backends, parallelism=EVAL_PARALLELISM) as backend:
         evaluation = evaluate(model=trained.outputs["model"], data=data.outputs["data"], backend=backend)
-        evaluation.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
+        heavy(evaluation)
     chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]), model=trained.outputs["model"],
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)
@@ -137,6 +143,66 @@ def print_table(summary: dict) -> None:
     print(f"\nwinner: {summary['winner']}  model: {summary['model']['path']}")
 
 
+def submit(args, params: dict) -> int:
+    """Compile, upload (a new version when the pipeline exists), run, wait; 0 only if the run succeeded."""
+    import kfp
+
+    from components.storage import client_from_env
+
+    package = compile_pipeline(args.package)
+    name = gtsrb_pipeline.name
+    deadline = time.monotonic() + 180
+    while True:  # the port-forward, or KFP's API server itself, may still be starting
+        try:
+            client = kfp.Client(host=args.host, ui_host=args.ui_host)  # calls the API's healthz
+            break
+        except Exception as e:  # connection refused, 503, ...: retried until the deadline
+            if time.monotonic() > deadline:
+                raise SystemExit(f"submit: KFP API at {args.host} is not reachable: {e}") from e
+            time.sleep(3)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:  # first upload: the pipeline and its first version
+        pipeline_id = client.upload_pipeline(package, pipeline_name=name).pipeline_id
+        version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+    else:
+        version_id = client.upload_pipeline_version(package, f"{name} {stamp}",
+                                                    pipeline_id=pipeline_id).pipeline_version_id
+    experiment_id = client.create_experiment(args.experiment).experiment_id
+    run_id = client.run_pipeline(experiment_id, f"{name} {stamp}", params=params, pipeline_id=pipeline_id,
+                                 version_id=version_id).run_id
+    url = f"{args.ui_host.rstrip('/')}/#/runs/details/{run_id}"
+    print(f"run: {url}", flush=True)
+    try:
+        run = client.wait_for_run_completion(run_id, timeout=args.timeout, sleep_duration=15)
+    except TimeoutError:
+        print(f"final state: still running after {args.timeout} s ({url})", file=sys.stderr)
+        return 1
+    print(f"final state: {run.state}  ({url})")
+    if run.state != "SUCCEEDED":
+        for task in (run.run_details.task_details if run.run_details else None) or []:
+            if task.state == "FAILED":
+                print(f"  task {task.display_name} failed: {task.error.message if task.error else '?'} "
+                      f"(pod {task.pod_name})", file=sys.stderr)
+        return 1
+    if args.summary_out:  # the select task's `summary` artifact: <root>/<pipeline>/<run id>/select/<salt>/summary
+        store = client_from_env(args.s3_endpoint)
+        keys = [o.object_name for o in store.list_objects(cluster.MINIO_BUCKET, prefix=f"v2/artifacts/{name}/{run_id}/",
+                                                          recursive=True)
+                if o.object_name.endswith("/summary") and "/select/" in o.object_name]
+        if not keys:
+            print(f"submit: no select/summary artifact under {cluster.MINIO_BUCKET}/v2/artifacts/{name}/{run_id}/",
+                  file=sys.stderr)
+            return 1
+        summary = json.loads(store.get_object(cluster.MINIO_BUCKET, keys[0]).read())
+        summary["run"] = {"id": run_id, "url": url, "arguments": params}
+        Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
+        print_table(summary)
+        print(f"summary: {args.summary_out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,12 +236,6 @@ def main(argv=None) -> int:
         print(compile_pipeline(args.output))
         return 0
     if args.command == "submit":
-        import kfp
-        import yaml
-
-        from components.cluster import MINIO_BUCKET
-        from components.storage import client_from_env
-
         params = {}
         for item in args.arg:
             key, sep, value = item.partition("=")
@@ -185,58 +245,7 @@ def main(argv=None) -> int:
                 params[key] = json.loads(value)
             except json.JSONDecodeError:
                 params[key] = value
-        package = compile_pipeline(args.package)
-        name = next(yaml.safe_load_all(Path(package).read_text()))["pipelineInfo"]["name"]  # then platform spec
-        deadline = time.monotonic() + 180
-        while True:  # the port-forward, or KFP's API server itself, may still be starting
-            try:
-                client = kfp.Client(host=args.host, ui_host=args.ui_host)  # calls the API's healthz
-                break
-            except Exception as e:  # connection refused, 503, ...: retried until the deadline
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"submit: KFP API at {args.host} is not reachable: {e}") from e
-                time.sleep(3)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        pipeline_id = client.get_pipeline_id(name)
-        if pipeline_id is None:  # first upload: the pipeline and its first version
-            pipeline_id = client.upload_pipeline(package, pipeline_name=name).pipeline_id
-            version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
-        else:
-            version_id = client.upload_pipeline_version(package, f"{name} {stamp}",
-                                                        pipeline_id=pipeline_id).pipeline_version_id
-        experiment_id = client.create_experiment(args.experiment).experiment_id
-        run_id = client.run_pipeline(experiment_id, f"{name} {stamp}", params=params, pipeline_id=pipeline_id,
-                                     version_id=version_id).run_id
-        url = f"{args.ui_host.rstrip('/')}/#/runs/details/{run_id}"
-        print(f"run: {url}", flush=True)
-        try:
-            run = client.wait_for_run_completion(run_id, timeout=args.timeout, sleep_duration=15)
-        except TimeoutError:
-            print(f"final state: still running after {args.timeout} s ({url})", file=sys.stderr)
-            return 1
-        print(f"final state: {run.state}  ({url})")
-        if run.state != "SUCCEEDED":
-            for task in (run.run_details.task_details if run.run_details else None) or []:
-                if task.state == "FAILED":
-                    print(f"  task {task.display_name} failed: {task.error.message if task.error else '?'} "
-                          f"(pod {task.pod_name})", file=sys.stderr)
-            return 1
-        if args.summary_out:  # the select task's `summary` artifact: <root>/<pipeline>/<run id>/select/<salt>/summary
-            store = client_from_env(args.s3_endpoint)
-            keys = [o.object_name for o in store.list_objects(MINIO_BUCKET, prefix=f"v2/artifacts/{name}/{run_id}/",
-                                                              recursive=True)
-                    if o.object_name.endswith("/summary") and "/select/" in o.object_name]
-            if not keys:
-                print(f"submit: no select/summary artifact under {MINIO_BUCKET}/v2/artifacts/{name}/{run_id}/",
-                      file=sys.stderr)
-                return 1
-            summary = json.loads(store.get_object(MINIO_BUCKET, keys[0]).read())
-            summary["run"] = {"id": run_id, "url": url, "arguments": params}
-            Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
-            print_table(summary)
-            print(f"summary: {args.summary_out}")
-        return 0
+        return submit(args, params)
     out = Path(args.output_dir)
     if out.exists() and (out / "summary.json").exists():
         shutil.rmtree(out / "artifacts", ignore_errors=True)
