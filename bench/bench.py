@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.runtime import CPU, read_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
 TARGETS = {"winner_vs_eager": (">=", 8.0), "roofline_gap": ("<=", 0.5), "best_fp32_gap": ("<=", 1.2)}
@@ -37,47 +39,6 @@ ARM_CORES = {0xd0c: ("Neoverse N1", None, 2), 0xd40: ("Neoverse V1", 2, 4), 0xd4
 
 
 # --------------------------------------------------------------------------- the fp32 peak
-@dataclass
-class CPU:
-    machine: str
-    vendor: str = ""
-    family: int = 0
-    model: int = 0
-    name: str = ""
-    flags: frozenset = frozenset()
-    mhz: float | None = None
-    part: int | None = None               # arm64 "CPU part"
-    sve_bits: int | None = None           # arm64 SVE vector length
-
-
-def parse_cpuinfo(text: str, machine: str, sve_bytes: int | None = None) -> CPU:
-    """The first processor's entry of /proc/cpuinfo."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
-    model = fields.get("model", "")
-    return CPU(machine=machine, vendor=fields.get("vendor_id", ""), family=int(fields.get("cpu family") or 0),
-               model=int(model) if model.isdigit() else 0,
-               name=fields.get("model name", ""), flags=flags,
-               mhz=float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
-               part=int(fields["CPU part"], 16) if "CPU part" in fields else None,
-               sve_bits=sve_bytes * 8 if sve_bytes and "sve" in flags else None)
-
-
-def read_cpu() -> CPU:
-    import platform
-
-    sve = Path("/proc/sys/abi/sve_default_vector_length")
-    return parse_cpuinfo(Path("/proc/cpuinfo").read_text(), platform.machine(),
-                         int(sve.read_text()) if sve.is_file() else None)
-
-
 def flops_per_cycle(cpu: CPU) -> tuple[int, str]:
     """fp32 FLOP per cycle per core (an FMA counts 2), and how that follows from the hardware."""
     f, amd = cpu.flags, cpu.vendor in ("AuthenticAMD", "HygonGenuine")
@@ -251,21 +212,17 @@ def quick_model(sample_dir: Path, work: Path, epochs: int | None, retrain: bool)
 # --------------------------------------------------------------------------- measurement
 def measure(data, names: list[str], threads: int, runs: int, rounds: int, warmup: int) -> list[dict]:
     """Results in the evaluate step's format, for ``names`` measured side by side."""
-    from components import backends
     from components.evaluate import (
         LATENCY_BATCHES,
         batch_of,
-        describe,
-        environment,
         latency_stats,
-        predict_all,
-        prepare_timed,
-        quality,
+        prepare_and_score,
+        reference_predictions,
         skipped,
         time_runs,
     )
 
-    reference = predict_all(backends.get(backends.REFERENCE).prepare(data.model, batch_of(data.x, BATCH)), data.x)
+    reference = reference_predictions(data)
     results, ready = {}, {}
     for name in names:
         result = skipped(name)
@@ -273,11 +230,7 @@ def measure(data, names: list[str], threads: int, runs: int, rounds: int, warmup
             results[name] = result
             continue
         print(f"bench: preparing {name} ...", flush=True)
-        predict, seconds = prepare_timed(name, data)
-        ready[name] = predict
-        results[name] = {**describe(name), "status": "ok", **quality(predict_all(predict, data.x), reference, data.y),
-                         **environment(threads), "prepare_seconds": seconds,
-                         "flops_per_image": data.card.get("flops_per_image")}
+        ready[name], _, results[name] = prepare_and_score(name, data, reference, threads)
     samples = {b: batch_of(data.x, b) for b in LATENCY_BATCHES}
     times = {(n, b): [] for n in ready for b in LATENCY_BATCHES}
     per_round = -(-runs // rounds)
@@ -343,7 +296,8 @@ def table(selection: dict, peak_gflops: float) -> str:
 
 
 def main(argv=None) -> int:
-    from components.backends import BACKENDS
+    from components.backends import BACKENDS, REFERENCE
+    from components.evaluate import MIN_RUNS, load_eval_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "latest", help="a run-local output dir")
@@ -367,13 +321,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = [n for n in args.backends.split(",") if n]
     unknown = [n for n in names if n not in BACKENDS]
-    if unknown or "eager" not in names:
+    if unknown or REFERENCE not in names:
         parser.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown
-                     else "the list must include the reference backend 'eager'")
-    if args.runs < 50:
-        parser.error("--runs must be at least 50")
+                     else f"the list must include the reference backend {REFERENCE!r}")
+    if args.runs < MIN_RUNS:
+        parser.error(f"--runs must be at least {MIN_RUNS}")
 
-    from components.evaluate import load_eval_data
     from components.runtime import set_threads
     from components.selection import select_winner
 
@@ -424,7 +377,8 @@ def main(argv=None) -> int:
                                "selection": selection}, indent=2) + "\n")
     print()
     print(table(selection, peak.gflops))
-    print(f"\nrule: {selection['rule']}; latency: median of {args.runs} runs in {args.rounds} interleaved rounds")
+    timed = next(r["latency"]["batch1"]["runs"] for r in results if r["status"] == "ok")
+    print(f"\nrule: {selection['rule']}; latency: median of {timed} runs in {args.rounds} interleaved rounds")
     print(f"machine load while measuring ({load['seconds']:.0f} s): this process {load['own_cpu_percent']:.0f} %, "
           f"other processes {load['other_cpu_percent']:.0f} % of {load['cpus']} CPUs; "
           f"loadavg {' '.join(load['loadavg'])}")

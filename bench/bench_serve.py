@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from components.evaluate import percentile
 from components.smoke import MODEL_NAME, free_port, predictor_command, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,10 +125,6 @@ async def _client(port: int, request: bytes, deadline: float, latencies: list[fl
 def http_request(path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
 
 
 def measure(port: int, request: bytes, concurrency: int, duration: float) -> tuple[list[float], float]:

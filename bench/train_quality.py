@@ -66,11 +66,10 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def run_one(data_dir: Path, work: Path, config: TrainConfig) -> dict:
+def run_one(data_dir: Path, test: dict, work: Path, config: TrainConfig) -> dict:
     out = work / f"model-{config.arch}-{config.epochs}-{config.seed}"
-    card = train_model(str(data_dir), str(out), config)
+    train_model(str(data_dir), str(out), config)
     model, card = load_model_artifact(out)
-    test = load_split(data_dir, "test")
     norm, training = card["normalization"], card["training"]
     return {"arch": config.arch, "epochs": config.epochs, "seed": config.seed, "overrides": config.overrides,
             "test_accuracy": accuracy(model, test["images"], test["labels"], norm["mean"], norm["std"]),
@@ -110,12 +109,13 @@ def main(argv=None) -> int:
         if args.tile > 1:
             data_dir = tile_train(data_dir, args.tile, work)
         overrides = parse_overrides(args.set)
+        test = load_split(data_dir, "test")
         for arch in args.arch.split(","):
             for epochs in map(int, args.epochs.split(",")):
                 for seed in map(int, args.seeds.split(",")):
                     config = TrainConfig(arch=arch, epochs=epochs, seed=seed, threads=args.threads,
                                          overrides=overrides)
-                    result = run_one(data_dir, work, config)
+                    result = run_one(data_dir, test, work, config)
                     results.append(result)
                     print("train_quality:", json.dumps(result), flush=True)
                     if args.json:

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components.runtime import read_cpu
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 REFERENCE = "eager"
 ARM = platform.machine() in ("aarch64", "arm64")
@@ -181,14 +183,9 @@ def _onnxruntime(model, example, calibration) -> Predict:
 def cpu_flags() -> set[str]:
     """x86 ``flags`` / arm64 ``Features`` of the first CPU in /proc/cpuinfo (empty if unreadable)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return set(read_cpu().flags)
     except OSError:
         return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
 
 
 def int8_types(arm: bool = ARM, flags: set[str] | None = None) -> tuple[str, str, bool, str]:
@@ -262,10 +259,9 @@ def _no_mkldnn() -> str | None:
 
 
 def _no_bf16() -> str | None:
-    if not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN (mkldnn)"
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
+    reason = _no_mkldnn()
+    if reason or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return reason
     need = ("the bf16 extension (bf16 in Features)" if ARM
             else "AVX-512 (avx512bw/vl/dq; avx512_bf16/amx_bf16 in hardware)")
     return (f"this CPU lacks {need}, so oneDNN ignores bf16 fast math and would silently compute "

@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -40,7 +41,13 @@ class EvalData:
     card: dict
     x: torch.Tensor                  # normalized test images
     y: torch.Tensor                  # test labels
-    calibration: torch.Tensor        # normalized training images for int8 calibration
+    data_dir: Path
+
+    @cached_property
+    def calibration(self) -> torch.Tensor:
+        """Normalized training images for int8 calibration, read on first use: only backends that
+        need calibration pay for loading the training split."""
+        return calibration_images(self.data_dir, self.card["normalization"])
 
 
 def calibration_images(data_dir: str | Path, normalization: dict, count: int = CALIBRATION_IMAGES,
@@ -55,8 +62,7 @@ def load_eval_data(model_dir: str | Path, data_dir: str | Path) -> EvalData:
     model, card = load_model_artifact(model_dir)
     test = load_split(data_dir, "test")
     norm = card["normalization"]
-    return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"],
-                    calibration_images(data_dir, norm))
+    return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"], Path(data_dir))
 
 
 def batch_of(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -146,6 +152,25 @@ def prepare_timed(name: str, data: EvalData) -> tuple[object, float]:
     return predict, time.perf_counter() - start
 
 
+def reference_predictions(data: EvalData) -> torch.Tensor:
+    """Top-1 classes of the fp32 reference backend on the test split."""
+    reference = backends.get(backends.REFERENCE).prepare(data.model, batch_of(data.x, EVAL_BATCH))
+    return predict_all(reference, data.x)
+
+
+def prepare_and_score(name: str, data: EvalData, reference: torch.Tensor,
+                      threads: int) -> tuple[object, torch.Tensor, dict]:
+    """Prepare backend ``name`` and score it on the test split: (predict, predictions, result
+    without latency)."""
+    predict, seconds = prepare_timed(name, data)
+    predictions = predict_all(predict, data.x)
+    needs_calibration = backends.get(name).needs_calibration
+    result = {**describe(name), "status": "ok", **quality(predictions, reference, data.y), **environment(threads),
+              "prepare_seconds": seconds, "flops_per_image": data.card.get("flops_per_image"),
+              "calibration_images": len(data.calibration) if needs_calibration else 0}
+    return predict, predictions, result
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -168,17 +193,12 @@ def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int =
         return result
     threads = set_threads(threads or None)
     data = load_eval_data(model_dir, data_dir)
-    reference = predict_all(backends.get(backends.REFERENCE).prepare(data.model, batch_of(data.x, EVAL_BATCH)), data.x)
-    predict, prepare_seconds = prepare_timed(backend, data)
-    predictions = predict_all(predict, data.x)
-    flops = data.card.get("flops_per_image")
-    latency = {f"batch{b}": time_batches(predict, data.x, b, runs, warmup, flops) for b in LATENCY_BATCHES}
-    result = {**describe(backend), "status": "ok", **quality(predictions, reference, data.y),
-              **environment(threads), "prepare_seconds": prepare_seconds, "flops_per_image": flops,
-              "calibration_images": len(data.calibration) if backends.get(backend).needs_calibration else 0,
-              "latency": latency, "confusion_matrix": confusion_matrix(data.y, predictions)}
+    predict, predictions, result = prepare_and_score(backend, data, reference_predictions(data), threads)
+    latency = {f"batch{b}": time_batches(predict, data.x, b, runs, warmup, result["flops_per_image"])
+               for b in LATENCY_BATCHES}
+    result.update(latency=latency, confusion_matrix=confusion_matrix(data.y, predictions))
     print(f"evaluate: {backend}: accuracy {result['accuracy']:.2f}% agreement {result['agreement']:.2f}% "
-          f"prepare {prepare_seconds:.1f}s "
+          f"prepare {result['prepare_seconds']:.1f}s "
           + " ".join(f"b{v['batch']} median {v['median_ms']:.3f} ms p99 {v['p99_ms']:.3f} ms"
                      for v in latency.values()), flush=True)
     return result

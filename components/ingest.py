@@ -12,7 +12,6 @@ storage as two objects instead of 50,000.
 import csv
 import json
 import os
-import shutil
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from kfp.dsl import Dataset, Output
 
 from components.kfp_step import step
 from components.model import NUM_CLASSES
+from components.runtime import atomic_dir
 
 ARCHIVE = "gtsrb.tar"
 MANIFEST = "manifest.json"
@@ -137,16 +137,13 @@ def ingest_dataset(data_dir: str, output_dir: str, allow_download: bool = False,
     if not (root / TRAIN_DIR).is_dir() and allow_download:
         download(root)
     train, test = list_train(root), list_test(root)
-    _check_all(root, [p for p, *_ in train] + [p for p, _ in test], workers or os.cpu_count() or 1)
+    images = [p for p, *_ in train] + [p for p, _ in test]
+    _check_all(root, images, workers or os.cpu_count() or 1)
     _check_torchvision_agrees(root, len(train), len(test))
 
-    out = Path(output_dir)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_dir(output_dir) as partial:
         with tarfile.open(partial / ARCHIVE, "w") as tar:
-            for rel in [p for p, *_ in train] + [p for p, _ in test] + [str(TEST_CSV)]:
+            for rel in images + [str(TEST_CSV)]:
                 tar.add(root / rel, arcname=rel)
         manifest = {
             "source": str(root),
@@ -154,11 +151,6 @@ def ingest_dataset(data_dir: str, output_dir: str, allow_download: bool = False,
             "test": [{"file": p, "label": y} for p, y in test],
         }
         (partial / MANIFEST).write_text(json.dumps(manifest))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     summary = {"train_images": len(train), "test_images": len(test),
                "train_tracks": len({(y, t) for _, y, t in train})}
     print(f"ingest: {summary}", flush=True)

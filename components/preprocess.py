@@ -10,7 +10,6 @@ and every evaluation read two files instead of tens of thousands of images.
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,8 @@ from PIL import Image
 
 from components.ingest import ARCHIVE, MANIFEST
 from components.kfp_step import step
-from components.model import NUM_CLASSES, to_uint8_32
+from components.model import INPUT_SHAPE, NUM_CLASSES, to_uint8_32
+from components.runtime import atomic_dir
 
 SPLITS = ("train", "test")
 
@@ -52,7 +52,7 @@ def _decode_one(data: bytes) -> torch.Tensor:
 def _decode(files: dict[str, bytes], names: list[str], workers: int) -> torch.Tensor:
     # Threads, not processes: PIL releases the GIL while decoding and resizing, and forking a
     # process that has already run torch ops can deadlock in OpenMP.
-    out = torch.empty(len(names), 3, 32, 32, dtype=torch.uint8)
+    out = torch.empty(len(names), *INPUT_SHAPE, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, image in enumerate(pool.map(_decode_one, (files[n] for n in names))):
             out[i] = image
@@ -63,13 +63,9 @@ def preprocess_dataset(raw_dir: str, output_dir: str, workers: int | None = None
     raw = Path(raw_dir)
     manifest = json.loads((raw / MANIFEST).read_text())
     workers = workers or os.cpu_count() or 1
-    out = Path(output_dir)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     summary = {}
     files = _read_archive(raw / ARCHIVE)
-    try:
+    with atomic_dir(output_dir) as partial:
         for split in SPLITS:
             start = time.perf_counter()
             entries = manifest[split]
@@ -87,11 +83,6 @@ def preprocess_dataset(raw_dir: str, output_dir: str, workers: int | None = None
             summary[f"{split}_images"] = len(entries)
             print(f"preprocess: {split}: {len(entries)} images in {seconds:.1f}s "
                   f"({len(entries) / max(seconds, 1e-9):.0f} img/s)", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return summary
 
 

@@ -256,6 +256,9 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
     wall = time.perf_counter() - loop_start
     stopped_by_time = clock.steps < clock.total_steps and clock.progress() >= 1.0
     total = clock.elapsed()
+    if best["state"] is None:
+        raise RuntimeError(f"time budget of {config.time_budget:g} s used up ({total:.1f} s, data loading "
+                           "included) before the first epoch finished; raise TrainConfig.time_budget")
     model.load_state_dict(best["state"])
     model = model.to(memory_format=torch.contiguous_format).eval()
 

@@ -9,6 +9,7 @@ import pytest
 
 from bench import bench
 from components.model import DEFAULT_ARCH
+from components.runtime import parse_cpuinfo, read_cpu
 from tests.test_selection import result
 
 LAST_LINE = re.compile(r"^winner=(\S+) winner_vs_eager=(\d+\.\d\d)x roofline_gap=(\d+\.\d\d)x "
@@ -39,12 +40,12 @@ def arm_cpuinfo(part, features="fp asimd"):
     (arm_cpuinfo("0xfff"), "aarch64", None, 16, "unknown core (part 4095): 2 NEON FMA pipes (assumed)"),
 ])
 def test_flop_per_cycle_follows_the_cpu(text, machine, sve_bytes, per_cycle, says):
-    got, why = bench.flops_per_cycle(bench.parse_cpuinfo(text, machine, sve_bytes))
+    got, why = bench.flops_per_cycle(parse_cpuinfo(text, machine, sve_bytes))
     assert got == per_cycle and says in why
 
 
 def test_peak_uses_cores_clock_and_flop_per_cycle(tmp_path):
-    cpu = bench.parse_cpuinfo(cpuinfo("AuthenticAMD", 23, 1, mhz="1996.249"), "x86_64")
+    cpu = parse_cpuinfo(cpuinfo("AuthenticAMD", 23, 1, mhz="1996.249"), "x86_64")
     assert (cpu.vendor, cpu.family, cpu.model, cpu.mhz) == ("AuthenticAMD", 23, 1, 1996.249)
     assert cpu.flags == frozenset("fpu sse sse2 avx avx2 fma".split())
     ghz, source = bench.clock_ghz(cpu, tmp_path)                         # no cpufreq directory
@@ -56,7 +57,7 @@ def test_peak_uses_cores_clock_and_flop_per_cycle(tmp_path):
     assert bench.clock_ghz(cpu, tmp_path)[0] == pytest.approx(2.6)
     assert bench.fp32_peak(2, cpu, ghz=3.0).gflops == pytest.approx(96.0)
     with pytest.raises(SystemExit, match="--clock-ghz"):
-        bench.clock_ghz(bench.parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64"), tmp_path / "none")
+        bench.clock_ghz(parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64"), tmp_path / "none")
 
 
 def test_a_faster_sgemm_raises_the_clock_and_a_slower_one_never_lowers_it():
@@ -79,7 +80,7 @@ def test_load_meter_sees_this_process_working():
 
 
 def test_the_real_cpu_is_read():
-    cpu = bench.read_cpu()
+    cpu = read_cpu()
     per_cycle, why = bench.flops_per_cycle(cpu)
     assert per_cycle in (8, 16, 32, 64) and why
 

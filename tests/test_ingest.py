@@ -90,6 +90,21 @@ def test_preprocess_stores_uint8_tensors_and_counts(prepared):
     assert train["images"].float().std() > 10                      # real pixels, not zeros
 
 
+def test_preprocess_of_a_damaged_raw_dataset_leaves_no_output(prepared, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(prepared.parent / "raw", raw)
+    with tarfile.open(raw / ARCHIVE, "w") as tar:        # an archive missing every image
+        tar.add(raw / MANIFEST, arcname=MANIFEST)
+    out = tmp_path / "data"
+    with pytest.raises(KeyError):
+        preprocess_dataset(str(raw), str(out))
+    assert not list(tmp_path.glob("data*"))
+    (raw / ARCHIVE).unlink()                              # no archive at all
+    with pytest.raises(FileNotFoundError):
+        preprocess_dataset(str(raw), str(out))
+    assert not list(tmp_path.glob("data*"))
+
+
 def test_preprocess_matches_the_serving_transform(synthetic_root, prepared):
     from PIL import Image
 

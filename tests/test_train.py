@@ -119,6 +119,13 @@ def test_time_budget_ends_training_on_time(prepared, tmp_path):
     assert training["history"][-1]["images"] <= card["data"]["train_images"]
 
 
+
+def test_a_budget_spent_before_the_first_epoch_says_so_and_writes_nothing(prepared, tmp_path):
+    with pytest.raises(RuntimeError, match=r"time budget of 1e-06 s used up .* before the first epoch finished"):
+        train_model(str(prepared), str(tmp_path / "model"), TrainConfig(epochs=1, time_budget=1e-6))
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.fixture(scope="module")
 def sample_data(sample_dir, tmp_path_factory):
     from components.ingest import ingest_dataset
