@@ -14,16 +14,21 @@ def synthetic_root(tmp_path_factory) -> Path:
     return make_gtsrb(tmp_path_factory.mktemp("gtsrb"))
 
 
-@pytest.fixture(scope="session")
-def prepared(synthetic_root, tmp_path_factory) -> Path:
-    """Ingested + preprocessed synthetic data directory (train.pt / test.pt)."""
+def ingest_and_preprocess(root: Path, work: Path) -> Path:
+    """``root`` (torchvision GTSRB layout) through the ingest and preprocess cores: ``work/raw``
+    and ``work/data``; returns the data directory (train.pt / test.pt)."""
     from components.ingest import ingest_dataset
     from components.preprocess import preprocess_dataset
 
-    work = tmp_path_factory.mktemp("prepared")
-    ingest_dataset(str(synthetic_root), str(work / "raw"))
+    ingest_dataset(str(root), str(work / "raw"))
     preprocess_dataset(str(work / "raw"), str(work / "data"))
     return work / "data"
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, tmp_path_factory) -> Path:
+    """Ingested + preprocessed synthetic data directory (train.pt / test.pt)."""
+    return ingest_and_preprocess(synthetic_root, tmp_path_factory.mktemp("prepared"))
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,17 @@ def sample_dir() -> Path:
     if not (SAMPLE_DIR / "gtsrb" / "GTSRB" / "Training").is_dir():
         pytest.fail(f"real GTSRB sample not found at {SAMPLE_DIR}; set GTSRB_SAMPLE_DIR")
     return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_data(sample_dir, tmp_path_factory) -> Path:
+    """The real sample, ingested + preprocessed once per session (its raw dir is beside it)."""
+    return ingest_and_preprocess(sample_dir, tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="session")
+def compiled_ir(tmp_path_factory) -> Path:
+    """The pipeline compiled once per session: KFP IR YAML (pipeline spec, then platform spec)."""
+    import pipeline
+
+    return Path(pipeline.compile_pipeline(str(tmp_path_factory.mktemp("ir") / "pipeline.yaml")))

@@ -36,10 +36,8 @@ def make_variable(name: str) -> str:
 
 # --------------------------------------------------------------------------- images
 @pytest.fixture(scope="module")
-def ir_text(tmp_path_factory) -> str:
-    from pipeline import compile_pipeline
-
-    return Path(compile_pipeline(str(tmp_path_factory.mktemp("ir") / "pipeline.yaml"))).read_text()
+def ir_text(compiled_ir) -> str:
+    return compiled_ir.read_text()
 
 
 def referenced_images(ir: str) -> set[str]:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
 
 import pipeline
+from components import cluster
 from components.selection import select_winner
-from tests.s3server import s3_env, s3_server
+from tests.s3server import s3_store
 from tests.test_selection import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,15 +83,9 @@ def kfp_client(monkeypatch):
 
 
 @pytest.fixture
-def object_store(monkeypatch):
-    with s3_server() as endpoint:
-        for key, value in s3_env(endpoint).items():
-            monkeypatch.setenv(key, value)
-        from components.storage import client_from_env
-
-        client = client_from_env(endpoint)
-        client.make_bucket("mlpipeline")
-        yield endpoint, client
+def object_store():
+    with s3_store(cluster.MINIO_BUCKET) as client:
+        yield os.environ["S3_ENDPOINT"], client      # s3_store points the environment at its server
 
 
 def submit(tmp_path, *extra) -> int:

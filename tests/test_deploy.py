@@ -122,12 +122,8 @@ def test_the_schema_check_catches_mistakes(validator, mutate, message):
 
 # --------------------------------------------------------------------------- the compiled pipeline
 @pytest.fixture(scope="module")
-def ir(tmp_path_factory):
-    import pipeline
-
-    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
-    pipeline.compile_pipeline(str(path))
-    docs = list(yaml.safe_load_all(path.read_text()))
+def ir(compiled_ir):
+    docs = list(yaml.safe_load_all(compiled_ir.read_text()))
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 

@@ -115,11 +115,10 @@ def test_preprocess_matches_the_serving_transform(synthetic_root, prepared):
     assert torch.equal(load_split(prepared, "train")["images"][0], expected)
 
 
-def test_real_sample_ingests(sample_dir, tmp_path):
-    summary = ingest_dataset(str(sample_dir), str(tmp_path / "raw"))
-    assert summary["train_images"] == 1752 and summary["test_images"] == 817
-    preprocess_dataset(str(tmp_path / "raw"), str(tmp_path / "data"))
-    assert load_split(tmp_path / "data", "test")["class_counts"].sum() == 817
+def test_real_sample_ingests(sample_data):
+    manifest = json.loads((sample_data.parent / "raw" / MANIFEST).read_text())
+    assert len(manifest["train"]) == 1752 and len(manifest["test"]) == 817
+    assert load_split(sample_data, "test")["class_counts"].sum() == 817
 
 
 def test_synthetic_generator_is_deterministic(tmp_path):

@@ -12,10 +12,8 @@ from components import images
 
 
 @pytest.fixture(scope="module")
-def ir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
-    pipeline.compile_pipeline(str(path))
-    return next(yaml.safe_load_all(path.read_text()))  # 1st document: the pipeline spec
+def ir(compiled_ir):
+    return next(yaml.safe_load_all(compiled_ir.read_text()))  # 1st document: the pipeline spec
 
 
 def _executor_images(ir) -> dict[str, str]:

@@ -126,17 +126,6 @@ def test_a_budget_spent_before_the_first_epoch_says_so_and_writes_nothing(prepar
     assert not (tmp_path / "model").exists()
 
 
-@pytest.fixture(scope="module")
-def sample_data(sample_dir, tmp_path_factory):
-    from components.ingest import ingest_dataset
-    from components.preprocess import preprocess_dataset
-
-    work = tmp_path_factory.mktemp("sample")
-    ingest_dataset(str(sample_dir), str(work / "raw"))
-    preprocess_dataset(str(work / "raw"), str(work / "data"))
-    return work / "data"
-
-
 def test_default_beats_lp_on_unseen_real_signs_after_three_epochs(sample_data, tmp_path):
     """The pipeline's short smoke run (--epochs 3 on the sample) must stay well above 15 %."""
     test = load_split(sample_data, "test")
