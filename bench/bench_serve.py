@@ -51,14 +51,13 @@ def flask_app():
     from flask import Flask, jsonify, request
     from PIL import Image
 
-    from components import backends
-    from components.model import CLASS_NAMES, load_model_artifact, normalize, to_uint8_32
+    from components.model import CLASS_NAMES, normalize, to_uint8_32
+    from components.predictor import prepare_served
     from components.runtime import set_threads
 
     set_threads(int(os.environ["BENCH_THREADS"]))
-    model, card = load_model_artifact(os.environ["BENCH_MODEL_DIR"])
+    run, card = prepare_served(os.environ["BENCH_MODEL_DIR"], os.environ["BENCH_BACKEND"])
     norm = card["normalization"]
-    run = backends.get(os.environ["BENCH_BACKEND"]).prepare(model, torch.zeros(1, 3, 32, 32))
     app = Flask(__name__)
 
     @app.route(FLASK_PATH, methods=["POST"])
@@ -260,11 +259,6 @@ def report(results: dict, levels: list[int]) -> list[str]:
     return lines
 
 
-def model_from_summary(path: Path) -> tuple[str, str]:
-    summary = json.loads(path.read_text())
-    return summary["model"]["path"], summary["winner"]
-
-
 def default_image() -> Path:
     sample = Path(os.environ.get("GTSRB_SAMPLE_DIR", ROOT.parent / "shared" / "gtsrb-sample"))
     return sample / "gtsrb" / "GTSRB" / "Final_Test" / "Images" / "00000.ppm"
@@ -296,7 +290,9 @@ def main(argv=None) -> int:
     if not (model_dir and backend):
         if not args.summary.is_file():
             parser.error(f"{args.summary} not found: run `make local` first or pass --model-dir and --backend")
-        summary_dir, winner = model_from_summary(args.summary)
+        from components.predictor import serving_target
+
+        summary_dir, winner = serving_target(args.summary)
         model_dir, backend = model_dir or summary_dir, backend or winner
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     body = orjson.dumps({"instances": [{"image": {"b64": base64.b64encode(args.image.read_bytes()).decode()}}]})

@@ -41,11 +41,12 @@ from kubernetes.client.exceptions import ApiException
 
 from components import cluster
 from components.kfp_step import step
+from components.predictor import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
 
 GROUP, VERSION, PLURAL, KIND = (KSERVE_GROUP, KSERVE_V1BETA1_VERSION, KSERVE_PLURAL_INFERENCESERVICE,
                                KSERVE_KIND_INFERENCESERVICE)
 CONTAINER_NAME = "kserve-container"     # KServe reads STORAGE_URI from the container of this name
-MODEL_MOUNT = "/mnt/models"             # where the storage-initializer puts the storageUri
+MODEL_MOUNT = DEFAULT_MODEL_DIR         # where the storage-initializer puts the storageUri
 HTTP_PORT = 8080
 EVENTS_SHOWN = 10
 POLL_SECONDS = 5
@@ -76,7 +77,7 @@ class Serving:
     # (+ the ONNX exporter for ONNX backends), roughly 0.5-1 GiB each.
     memory_request: str = "2Gi"
     memory_limit: str = "3Gi"
-    max_batch: int = 64
+    max_batch: int = DEFAULT_MAX_BATCH
     min_replicas: int = 1
     max_replicas: int = 1
 

@@ -40,13 +40,14 @@ from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from PIL import Image
 
+from components.cluster import INFERENCE_SERVICE
 from components.runtime import cpu_count, set_threads
 
 # torch (and so components.model / components.backends) is imported where it is used, not here:
 # a multi-worker ModelServer unpickles the model in each spawned worker, which imports this
 # module, and KServe kills a worker that has not answered its 5 s liveness ping by then.
 
-DEFAULT_MODEL_NAME = "gtsrb"
+DEFAULT_MODEL_NAME = INFERENCE_SERVICE          # the model is served under its InferenceService name
 DEFAULT_MODEL_DIR = "/mnt/models"          # where KServe's storage-initializer puts the storageUri
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -83,6 +84,30 @@ def serving_bundle(model_dir: str | Path, data_dir: str | Path, backend: str, ou
     shutil.copytree(model_dir, out, dirs_exist_ok=True)
     torch.save(calibration_images(data_dir, card["normalization"]), out / CALIBRATION_FILE)
     return str(out)
+
+
+def prepare_served(model_dir: str | Path, backend: str, expected_sha256: str | None = None):
+    """Verify and load a serving directory (see serving_bundle) and prepare ``backend`` on it:
+    (run, model card). Raises on any problem: weights that fail their sha256 or are not the
+    expected ones, missing calibration images, a backend unavailable here."""
+    import torch
+
+    from components import backends
+    from components.model import ModelArtifactError, load_model_artifact
+
+    spec = backends.get(backend)
+    model, card = load_model_artifact(model_dir)
+    if expected_sha256 and card["weights_sha256"] != expected_sha256:
+        raise ModelArtifactError(f"{model_dir} holds weights {card['weights_sha256']}, "
+                                 f"not the expected {expected_sha256}")
+    calibration = None
+    if spec.needs_calibration:
+        path = Path(model_dir) / CALIBRATION_FILE
+        if not path.is_file():
+            raise ModelArtifactError(f"backend {backend!r} needs calibration images and {path} is "
+                                     "missing (serving_bundle() writes it)")
+        calibration = torch.load(path, weights_only=True)
+    return spec.prepare(model, torch.zeros(1, *card["input_shape"]), calibration=calibration), card
 
 
 @dataclass
@@ -249,29 +274,14 @@ class GTSRBModel(Model):
         (kernels, compilation and caches are built now, not on a request); raises on any problem."""
         import torch
 
-        from components import backends
-        from components.model import ModelArtifactError, load_model_artifact
-
         start = time.perf_counter()
-        spec = backends.get(self.backend)
         self.threads = set_threads(self.threads)
-        model, card = load_model_artifact(self.model_dir)
-        if self.expected_sha256 and card["weights_sha256"] != self.expected_sha256:
-            raise ModelArtifactError(f"{self.model_dir} holds weights {card['weights_sha256']}, "
-                                     f"not the expected {self.expected_sha256}")
-        calibration = None
-        if spec.needs_calibration:
-            path = Path(self.model_dir) / CALIBRATION_FILE
-            if not path.is_file():
-                raise ModelArtifactError(f"backend {self.backend!r} needs calibration images and {path} is "
-                                         "missing (serving_bundle() writes it)")
-            calibration = torch.load(path, weights_only=True)
+        self._run, card = prepare_served(self.model_dir, self.backend, self.expected_sha256)
         self.class_names = list(card["class_names"])
         self.input_shape = tuple(card["input_shape"])
         self.mean = torch.tensor(card["normalization"]["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(card["normalization"]["std"], dtype=torch.float32).view(1, -1, 1, 1)
         self.weights_sha256 = card["weights_sha256"]
-        self._run = spec.prepare(model, torch.zeros(1, *self.input_shape), calibration=calibration)
         self.buckets = batch_buckets(self.max_batch)
         for n in self.buckets:
             self._run(torch.zeros(n, *self.input_shape))
@@ -392,10 +402,12 @@ class GTSRBModel(Model):
                          f"or 'input' (FP32, shape [N, {', '.join(map(str, self.input_shape))}])")
         if item.datatype != expected:
             _fail(where, f"datatype {item.datatype} is not {expected}")
+        top_k = parse_parameters(request.parameters, len(self.class_names), V2_PARAMETERS)
         for output in request.request_outputs or []:
             if output.name not in V2_OUTPUTS:
                 _fail(f"output '{output.name}'", f"unknown output; known: {', '.join(V2_OUTPUTS)}")
-        top_k = parse_parameters(request.parameters, len(self.class_names), V2_PARAMETERS)
+            if output.name.startswith("top_k_") and not top_k:
+                _fail(f"output '{output.name}'", "needs parameters.top_k")
         shape, data = list(item.shape), item.data
         if item.name == "input":
             if len(shape) != 4 or tuple(shape[1:]) != self.input_shape:
@@ -447,12 +459,15 @@ class GTSRBModel(Model):
 
 # --------------------------------------------------------------------------- entry point
 def serving_target(summary_path: str | Path) -> tuple[str, str]:
-    """(model directory, winning backend) named by a run-local summary.json."""
+    """(serving directory, winning backend) of a run-local summary.json: the run's model artifact,
+    bundled with the run's calibration images (next to the summary) if the winner needs them."""
     path = Path(summary_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `make local` first")
     summary = json.loads(path.read_text())
-    return summary["model"]["path"], summary["winner"]
+    data_dir = Path(summary["run"]["artifacts"]) / "preprocess" / "data"
+    return serving_bundle(summary["model"]["path"], data_dir, summary["winner"], path.parent / "serving-model"), \
+        summary["winner"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
+from components import cluster
 from components.kfp_step import step
 
-MODEL_NAME = "gtsrb"
+MODEL_NAME = cluster.INFERENCE_SERVICE
 TOP_K = 5
 PROBABILITY_TOLERANCE = 1e-4
 STARTUP_SECONDS = 180
@@ -113,8 +114,9 @@ def check_endpoint(base_url: str, model_dir: str, backend: str, model_name: str 
     reference = GTSRBModel(model_name, model_dir, backend)
     images = sample_images()
     v1_body = {"instances": image_instances(images), "parameters": {"top_k": TOP_K}}
-    expected = [_v1_top(p) for p in reference.predict(reference.preprocess(v1_body))["predictions"]]
-    normalized = reference.preprocess(v1_body).x[0].tolist()
+    batch = reference.preprocess(v1_body)
+    normalized = batch.x[0].tolist()
+    expected = [_v1_top(p) for p in reference.predict(batch)["predictions"]]
     v1_url = f"{base_url}/v1/models/{model_name}:predict"
     v2_url = f"{base_url}/v2/models/{model_name}/infer"
     top = {"top_k": TOP_K}

@@ -180,8 +180,7 @@ def download_artifact(client: Minio, uri: str, directory: str | Path) -> list[Pa
     for obj in objects:
         target = directory / obj.object_name[len(prefix) + 1:]
         try:
-            client.fget_object(bucket, obj.object_name, str(target))
-            stat = client.stat_object(bucket, obj.object_name)
+            stat = client.fget_object(bucket, obj.object_name, str(target))   # returns the object's stat
         except TRANSPORT_ERRORS as e:
             raise StorageError(f"s3://{bucket}/{obj.object_name}: {e}") from e
         expected = (stat.metadata or {}).get(f"x-amz-meta-{SHA256_METADATA}")

@@ -245,6 +245,8 @@ BAD_REQUESTS = {
     "v2 fp32 infinity": (v2("input", "FP32", (1, 3, 32, 32), [float("inf")] * 3072), "NaN or infinity"),
     "v2 too many": (v2(shape=(5,), data=[GOOD] * 5), "maximum batch"),
     "v2 unknown output": (v2(request_outputs=[RequestedOutput("logits")]), "unknown output"),
+    "v2 top-k output without top_k": (v2(request_outputs=[RequestedOutput("top_k_class_id")]),
+                                      "output 'top_k_class_id': needs parameters.top_k"),
 }
 
 
@@ -274,3 +276,24 @@ def test_quiet_logging_drops_only_the_per_request_lines():
     assert quiet["loggers"]["uvicorn.access"]["level"] == quiet["loggers"]["kserve.trace"]["level"] == "WARNING"
     assert verbose["loggers"]["uvicorn.access"]["level"] == "INFO"
     assert quiet["loggers"]["kserve"] == verbose["loggers"]["kserve"]
+
+
+@pytest.mark.parametrize("winner", ["onnxruntime-int8", BACKEND])
+def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, prepared, tmp_path, winner):
+    """`make serve` / `make bench-serve` read summary.json; an int8 winner gets the run's
+    calibration images bundled beside the summary, any other winner the model artifact itself."""
+    run = tmp_path / "artifacts" / "run"
+    shutil.copytree(prepared, run / "preprocess" / "data")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)},
+                                   "run": {"artifacts": str(run)}}))
+    served_dir, backend = predictor.serving_target(summary)
+    assert backend == winner
+    if backends.get(winner).needs_calibration:
+        assert served_dir == str(tmp_path / "serving-model")
+        assert (tmp_path / "serving-model" / predictor.CALIBRATION_FILE).is_file()
+    else:
+        assert served_dir == str(trained_model)
+    served = GTSRBModel("gtsrb", served_dir, backend, max_batch=1)
+    answer = served.predict(served.preprocess(v1(image_instance(encode(sign_image(14, random.Random(1)), "PNG")))))
+    assert 0 <= answer["predictions"][0]["class_id"] < len(CLASS_NAMES)
