@@ -2,6 +2,7 @@
 
     python -m components.predictor --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
+        [--request_logs]
     python -m components.predictor --summary runs/latest/summary.json ...   (a run-local's model + winner)
 
 ``load`` verifies the artifact (weights sha256 against the model card; a mismatch stops the
@@ -236,12 +237,39 @@ async def _error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def guard_server_app(max_body_bytes: int) -> None:
-    """Install :class:`RequestGuard` on this process's KServe FastAPI app (once)."""
+@dataclass(frozen=True)
+class ServerSettings:
+    """How every server process sets up KServe's app (shipped to spawned workers with the model)."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_logs: bool = False               # uvicorn access log, KServe timing lines + middleware
+    logging: dict | None = None              # logging config for spawned workers (None: KServe's)
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+
+    def apply(self) -> None:
+        """Set up this process's KServe FastAPI app (once): install :class:`RequestGuard`; without
+        request logs, also drop KServe's per-request timing middleware at startup (it only feeds
+        the silenced ``kserve.trace`` log, yet costs two getrusage calls and a route lookup per
+        request; KServe adds it when the server starts, so it is removed from the startup hook)."""
+        app = model_server.app
+        if getattr(app.state, "gtsrb_configured", False):
+            return
+        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        if not self.request_logs:
+            app.router.on_startup.append(drop_timing_middleware)
+        app.state.gtsrb_configured = True
+
+
+def drop_timing_middleware() -> None:
+    """Remove timing_asgi's TimingMiddleware from the KServe app; Starlette rebuilds the middleware
+    stack on the next request. The lifespan startup this runs in precedes every request."""
+    from timing_asgi import TimingMiddleware
+
     app = model_server.app
-    if not getattr(app.state, "gtsrb_guarded", False):
-        app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)
-        app.state.gtsrb_guarded = True
+    app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+    app.middleware_stack = None
 
 
 def logging_config(request_logs: bool) -> dict:
@@ -257,15 +285,14 @@ def logging_config(request_logs: bool) -> dict:
 # --------------------------------------------------------------------------- the model
 class GTSRBModel(Model):
     def __init__(self, name: str, model_dir: str, backend: str, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int | None = None,
-                 expected_sha256: str | None = None, worker_logging: dict | None = None):
+                 threads: int | None = None, expected_sha256: str | None = None,
+                 server: ServerSettings | None = None):
         super().__init__(name)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model_dir, self.backend, self.max_batch = model_dir, backend, max_batch
-        self.max_body_bytes, self.threads = max_body_bytes, threads
+        self.model_dir, self.backend, self.max_batch, self.threads = model_dir, backend, max_batch, threads
         self.expected_sha256 = expected_sha256   # the deployed weights: refuse any other artifact
-        self.worker_logging = worker_logging     # logging config for spawned server workers
+        self.server = server or ServerSettings()
         self.ready = False
         self.load()
 
@@ -308,10 +335,10 @@ class GTSRBModel(Model):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if self.worker_logging:                  # before KServe would apply its default config
-            kserve_logging.configure_logging(self.worker_logging)
+        if self.server.logging:                  # before KServe would apply its default config
+            kserve_logging.configure_logging(self.server.logging)
         model_server.app.router.on_startup.append(self.load)
-        guard_server_app(self.max_body_bytes)
+        self.server.apply()
 
     def get_input_types(self):
         return [{"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -507,14 +534,14 @@ def main(argv=None) -> int:
     if log_config:
         kserve_logging.configure_logging(log_config)
     try:
+        server = ServerSettings(args.max_body_bytes, args.request_logs, log_config)
         model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
-                           max_body_bytes=args.max_body_bytes, threads=max(1, cpus // workers),
-                           expected_sha256=args.expected_sha256, worker_logging=log_config)
+                           threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=server)
     except Exception as e:  # refuse to start, and say why
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    guard_server_app(args.max_body_bytes)
+    server.apply()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=workers, enable_grpc=args.enable_grpc,
                 enable_latency_logging=args.request_logs).start([model])
     return 0

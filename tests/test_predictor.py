@@ -79,6 +79,12 @@ def test_refuses_an_unknown_backend(trained_model):
         GTSRBModel("gtsrb", str(trained_model), "no-such-backend")
 
 
+def test_the_command_refuses_a_body_limit_below_one_byte(trained_model, capsys):
+    assert predictor.main(["--model_dir", str(trained_model), "--backend", BACKEND, "--max_body_bytes", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to serve" in err and "max_body_bytes must be >= 1, got 0" in err
+
+
 @pytest.mark.slow
 def test_every_available_backend_serves_what_it_computes_in_process(trained_model, prepared, tmp_path):
     """The served answer is the registry backend's own output (int8: with the evaluate step's
@@ -266,9 +272,31 @@ def test_workers_get_settings_not_weights_and_load_when_their_server_starts(mode
     assert worker.ready is False and not hasattr(worker, "_run")
     assert worker.load in app.router.on_startup           # loads (and verifies) at server start
     assert any(m.cls is predictor.RequestGuard for m in app.user_middleware)
+    assert worker.server == model.server
     worker.load()
     body = v1(image_instance(base64.b64decode(GOOD)))
     assert worker.ready and worker.predict(worker.preprocess(body)) == model.predict(model.preprocess(body))
+
+
+@pytest.mark.parametrize("request_logs", [False, True])
+def test_the_per_request_timing_middleware_goes_with_the_request_logs(monkeypatch, request_logs):
+    """KServe adds timing_asgi's middleware when its server starts; without request logs the
+    predictor removes it at startup (it only feeds the silenced trace log) and requests still work."""
+    from fastapi.testclient import TestClient
+    from kserve.protocol.rest.server import PrintTimings
+    from timing_asgi import TimingMiddleware
+
+    app = FastAPI()
+    monkeypatch.setattr(predictor.model_server, "app", app)
+    predictor.ServerSettings(request_logs=request_logs).apply()
+    app.add_middleware(TimingMiddleware, client=PrintTimings(), metric_namer=lambda scope: "kserve.io")
+    app.add_api_route("/", lambda: {"status": "alive"})
+    with TestClient(app) as client:                      # runs the startup hooks
+        assert client.get("/").json() == {"status": "alive"}
+        assert client.post("/", content=b"x" * 10).status_code == 405       # through the request guard
+    kept = [m.cls for m in app.user_middleware]
+    assert (TimingMiddleware in kept) is request_logs
+    assert predictor.RequestGuard in kept
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():
