@@ -41,6 +41,7 @@ from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from PIL import Image
 
+from components import listen
 from components.cluster import INFERENCE_SERVICE
 from components.runtime import cpu_count, set_threads
 
@@ -542,6 +543,7 @@ def main(argv=None) -> int:
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     server.apply()
+    listen.install()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=workers, enable_grpc=args.enable_grpc,
                 enable_latency_logging=args.request_logs).start([model])
     return 0

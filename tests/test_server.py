@@ -3,12 +3,15 @@ health, metrics, V1/V2 answers equal to the artifact in-process, and a suite of 
 must all be 4xx with a message, after which a good request still succeeds."""
 
 import base64
+import glob
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -67,6 +70,64 @@ def test_v1_and_v2_answers_equal_the_artifact_in_process(server, trained_model):
     result = check_endpoint(server.url, str(trained_model), BACKEND)
     assert result["checks"] == ["v1 array", "v1 images", "v2 BYTES", "v2 FP32", "v1 bad request -> 400"]
     assert result["max_probability_gap"] <= 1e-4
+
+
+def worker_sockets(server_pid: int, port: int) -> dict[int, dict[str, set]]:
+    """{worker pid: {"listen": inodes, "established": inodes}} for the server's TCP sockets on
+    ``port``, read from /proc (which process holds which socket; no tool needed)."""
+    states = {}                                 # inode -> "listen" | "established"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in ("0A", "01"):
+                states[fields[9]] = "listen" if fields[3] == "0A" else "established"
+    workers = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        pid = int(stat.split("/")[2])
+        try:
+            if int(open(stat).read().rsplit(")", 1)[1].split()[1]) != server_pid:
+                continue
+            held = {os.readlink(fd)[8:-1] for fd in glob.glob(f"/proc/{pid}/fd/*")}
+        except OSError:                         # exited meanwhile, or not a worker of ours
+            continue
+        mine = {"listen": set(), "established": set()}
+        for inode in held & states.keys():
+            mine[states[inode]].add(inode)
+        if mine["listen"]:
+            workers[pid] = mine
+    return workers
+
+
+def both_workers_listening(server, port: int, dead: int | None = None) -> dict[int, dict[str, set]]:
+    """:func:`worker_sockets` once both workers listen. A worker calls listen() only after its
+    startup (model load and warm-up), so the server is ready as soon as its first worker is."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        workers = worker_sockets(server.process.pid, port)
+        if len(workers) == 2 and dead not in workers:
+            return workers
+        time.sleep(0.2)
+    raise AssertionError(f"not two workers listening: {workers}\n{server.log.read_text()[-2000:]}")
+
+
+def test_each_worker_listens_on_its_own_socket_so_keep_alive_connections_spread(server):
+    """KServe hands every worker the parent's one socket, and a worker's event loop accepts a whole
+    burst of connections at once; here each worker has its own SO_REUSEPORT socket instead."""
+    port = int(server.url.rsplit(":", 1)[1])
+    both_workers_listening(server, port)
+    sessions = [requests.Session() for _ in range(16)]
+    try:
+        for session in sessions:                  # 16 keep-alive connections, held open
+            assert session.get(f"{server.url}/", timeout=5).status_code == 200
+        workers = worker_sockets(server.process.pid, port)
+        assert len(workers) == 2, workers
+        listening = [w["listen"] for w in workers.values()]
+        assert all(len(inodes) == 1 for inodes in listening) and listening[0] != listening[1]
+        held = [len(w["established"]) for w in workers.values()]
+        assert sum(held) == 16 and min(held) >= 1, held     # all on one worker: probability 2 / 2**16
+    finally:
+        for session in sessions:
+            session.close()
 
 
 def test_real_gtsrb_images(server, trained_model, sample_dir):
@@ -200,3 +261,18 @@ def test_the_server_requires_a_backend(trained_model):
     done = subprocess.run([sys.executable, "-m", "components.predictor", f"--model_dir={trained_model}"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "--backend" in done.stderr
+
+
+def test_a_worker_that_dies_is_replaced_and_listens_again(server):
+    """KServe restarts a dead worker with the socket its parent kept; it joins the SO_REUSEPORT
+    group and serves. (Runs last: the module's server continues with the replacement.)"""
+    port = int(server.url.rsplit(":", 1)[1])
+    before = both_workers_listening(server, port)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    workers = both_workers_listening(server, port, dead=victim)
+    listening = [w["listen"] for w in workers.values()]
+    assert listening[0] != listening[1] and before[victim]["listen"] not in listening
+    for _ in range(16):                       # new connections: whichever worker gets them answers
+        response = requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30, headers={"Connection": "close"})
+        assert response.status_code == 200

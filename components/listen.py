@@ -1,0 +1,53 @@
+"""One listening socket per KServe server worker (SO_REUSEPORT), so Linux spreads the connections.
+
+KServe's multi-process REST server binds one socket in the parent and hands that same socket to
+every worker. Each worker's event loop accepts every connection waiting when it wakes, so a burst
+of keep-alive connections (a client's or a proxy's connection pool) often lands on one worker
+while the others idle. Measured here with 2 workers and 8 connections opened at once: all 8 on one
+worker in 2 of 6 tries, 630 instead of 1,050 req/s.
+
+With :class:`ReusePortMultiProcess` every worker listens on its own socket, all bound to the port
+with SO_REUSEPORT, and the kernel assigns each new connection to one of them by a hash of its
+addresses (what gunicorn's ``--reuse-port`` and nginx's ``listen ... reuseport`` do, and what
+uvicorn PR #2472 proposes). The parent keeps one more socket of the group bound, never listening,
+for KServe to hand to a worker it restarts.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from kserve.logging import logger
+from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
+
+
+def reuse_port_socket(address: tuple) -> socket.socket:
+    """A TCP socket bound to ``address`` (host, port) with SO_REUSEPORT, inheritable by workers."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ReusePortMultiProcess(RESTServerMultiProcess):
+    """KServe's multi-process REST server, each worker with its own SO_REUSEPORT socket."""
+
+    def init_processes(self, sockets: list[socket.socket]) -> None:
+        address = sockets[0].getsockname()[:2]
+        sockets[0].close()                       # bound without SO_REUSEPORT, it would keep the others out
+        sockets[0] = reuse_port_socket(address)  # what KServe gives a restarted worker
+        for _ in range(self._rest_server.config.workers):
+            process = RESTServerProcess([reuse_port_socket(address)], self._rest_server.run,
+                                        log_config_file=self.log_config_file)
+            self._processes.append(process)
+            process.start()
+            logger.info("Started child process [%s] on its own SO_REUSEPORT socket", process.pid)
+
+
+def install() -> None:
+    """Make ``kserve.ModelServer(workers > 1)`` in this process use :class:`ReusePortMultiProcess`."""
+    from kserve import model_server
+
+    model_server.RESTServerMultiProcess = ReusePortMultiProcess
