@@ -41,7 +41,7 @@ from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from PIL import Image
 
-from components import listen
+from components import listen, worker_metrics
 from components.cluster import INFERENCE_SERVICE
 from components.runtime import cpu_count, set_threads
 
@@ -250,7 +250,8 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
 
     def apply(self) -> None:
-        """Set up this process's KServe FastAPI app (once): install :class:`RequestGuard`; without
+        """Set up this process's KServe FastAPI app (once): install :class:`RequestGuard`; in a
+        worker of several, answer ``/metrics`` with all workers' metrics; without
         request logs, also drop KServe's per-request timing middleware at startup (it only feeds
         the silenced ``kserve.trace`` log, yet costs two getrusage calls and a route lookup per
         request; KServe adds it when the server starts, so it is removed from the startup hook)."""
@@ -258,6 +259,7 @@ class ServerSettings:
         if getattr(app.state, "gtsrb_configured", False):
             return
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        worker_metrics.serve_all_workers(app)
         if not self.request_logs:
             app.router.on_startup.append(drop_timing_middleware)
         app.state.gtsrb_configured = True
@@ -544,6 +546,7 @@ def main(argv=None) -> int:
         return 1
     server.apply()
     listen.install()
+    worker_metrics.prepare(workers)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=workers, enable_grpc=args.enable_grpc,
                 enable_latency_logging=args.request_logs).start([model])
     return 0

@@ -1,0 +1,52 @@
+"""One ``/metrics`` for all KServe server workers (prometheus_client's multiprocess mode).
+
+KServe's ``/metrics`` renders the answering process's own registry, so with ``--workers 2`` each
+scrape sees one worker's counters, whichever got the connection: request counts jump up and down
+between scrapes. Here the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` before
+they start (prometheus_client then keeps every metric in a per-process file there), and each
+worker's ``/metrics`` sums the files of all workers, dead ones included, so counters only grow.
+As prometheus_client documents for this mode, per-process collectors (``process_*``,
+``python_gc_*``) are not exported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, exposition, multiprocess
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+PATH = "/metrics"
+
+
+def prepare(workers: int) -> str | None:
+    """In the parent, before any worker starts: an empty directory for the workers' metric files
+    (removed at exit), unless the environment names one already. Nothing to do for one worker."""
+    if workers < 2:
+        return None
+    if os.environ.get(ENV):
+        return os.environ[ENV]
+    directory = tempfile.mkdtemp(prefix="gtsrb-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ[ENV] = directory
+    return directory
+
+
+async def all_workers(request: Request) -> Response:
+    """Every worker's metrics, summed over the processes (same encoding choice as KServe's)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    encoder, content_type = exposition.choose_encoder(request.headers.get("accept"))
+    return Response(content=encoder(registry), headers={"content-type": content_type})
+
+
+def serve_all_workers(app: FastAPI) -> None:
+    """Answer ``/metrics`` on ``app`` with :func:`all_workers` when this process keeps its metrics
+    in :data:`ENV`. Call it before KServe registers its routes (a worker does, while unpickling
+    its model): Starlette answers with the first matching route, so this one wins."""
+    if os.environ.get(ENV):
+        app.add_api_route(PATH, all_workers, methods=["GET"], include_in_schema=False)
