@@ -272,9 +272,11 @@ def test_the_server_requires_a_backend(trained_model):
 
 def test_a_worker_that_dies_is_replaced_and_listens_again(server):
     """KServe restarts a dead worker with the socket its parent kept; it joins the SO_REUSEPORT
-    group and serves. (Runs last: the module's server continues with the replacement.)"""
+    group and serves; /metrics keeps the dead worker's counts. (Runs last: the module's server
+    continues with the replacement.)"""
     port = int(server.url.rsplit(":", 1)[1])
     before = both_workers_listening(server, port)
+    counted = predict_count(server.url)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     workers = both_workers_listening(server, port, dead=victim)
@@ -283,3 +285,4 @@ def test_a_worker_that_dies_is_replaced_and_listens_again(server):
     for _ in range(16):                       # new connections: whichever worker gets them answers
         response = requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30, headers={"Connection": "close"})
         assert response.status_code == 200
+    assert predict_count(server.url) == counted + 16     # the dead worker's counts stay in the sum
