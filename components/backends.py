@@ -16,8 +16,10 @@ a fake "bf16" result.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
+import os
 import platform
 import shutil
 import tempfile
@@ -130,7 +132,7 @@ def _compile(model, example, calibration) -> Predict:
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
-_EXPORTS: dict[str, Path] = {}
+SHARED_DIR_ENV = "GTSRB_BACKENDS_DIR"      # exports a parent process made, for its server workers
 
 
 def _state_digest(model: nn.Module) -> str:
@@ -143,21 +145,46 @@ def _state_digest(model: nn.Module) -> str:
 
 @cache
 def _workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="gtsrb-backends-"))
+    """Where ONNX files go, named by the weights' digest: the directory a parent process shared
+    (:func:`share_exports`), else a new one, removed when this process exits."""
+    if os.environ.get(SHARED_DIR_ENV):
+        return Path(os.environ[SHARED_DIR_ENV])
+    path = Path(tempfile.mkdtemp(prefix="gtsrb-backends-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def share_exports() -> Path:
+    """Let the processes started from here (the predictor's server workers) reuse this process's
+    ONNX exports and int8 quantizations instead of repeating them (~4 s each here)."""
+    os.environ[SHARED_DIR_ENV] = str(_workdir())
+    return _workdir()
+
+
+@contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name to write ``path`` under; renamed to ``path`` when complete, so a process
+    that finds ``path`` never reads a half-written file."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor) -> Path:
-    """fp32 ONNX file with a dynamic batch dimension (torch.export-based exporter), once per weights."""
-    key = _state_digest(model)
-    if key not in _EXPORTS:
+    """fp32 ONNX file with a dynamic batch dimension (torch.export-based exporter), once per weights
+    (one self-contained file: the weights inside, not in a ``.data`` file beside it)."""
+    path = _workdir() / f"{_state_digest(model)}.onnx"
+    if not path.exists():
         start = time.perf_counter()
-        path = _workdir() / f"{key}.onnx"
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), verbose=False)
+        with _written_whole(path) as partial:
+            torch.onnx.export(model, (example,), str(partial), input_names=["x"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
         print(f"backends: exported ONNX in {time.perf_counter() - start:.1f}s", flush=True)
-        _EXPORTS[key] = path
-    return _EXPORTS[key]
+    return path
 
 
 def _ort_session(path: Path) -> Predict:
@@ -229,7 +256,7 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
                         f"{_digest(calibration)}.onnx")
     if not out.exists():
         start = time.perf_counter()
-        prepared = fp32.with_name(fp32.stem + "-pre.onnx")
+        prepared = fp32.with_name(f".{fp32.stem}.{os.getpid()}-pre.onnx")
         quant_pre_process(str(fp32), str(prepared))
 
         class Batches(CalibrationDataReader):
@@ -240,10 +267,12 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
                 batch = next(self.batches, None)
                 return None if batch is None else {"x": batch}
 
-        quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, op_types_to_quantize=INT8_OPS,
-                        nodes_to_exclude=fp32_ends(prepared),
-                        activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights))
+        with _written_whole(out) as partial:
+            quantize_static(str(prepared), str(partial), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=reduce_range, op_types_to_quantize=INT8_OPS,
+                            nodes_to_exclude=fp32_ends(prepared), activation_type=getattr(QuantType, activations),
+                            weight_type=getattr(QuantType, weights))
+        prepared.unlink()
         print(f"backends: int8 quantization ({activations} x {weights}{', reduce_range' * reduce_range}, "
               f"{len(calibration)} calibration images) in {time.perf_counter() - start:.1f}s", flush=True)
     return _ort_session(out)

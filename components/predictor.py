@@ -547,6 +547,9 @@ def main(argv=None) -> int:
     server.apply()
     listen.install()
     worker_metrics.prepare(workers)
+    if workers > 1:                              # workers reuse the exports this process just made
+        from components import backends
+        backends.share_exports()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=workers, enable_grpc=args.enable_grpc,
                 enable_latency_logging=args.request_logs).start([model])
     return 0

@@ -1,5 +1,8 @@
 """The backend registry: every backend computes the eager model's function, or says why it cannot run."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -141,3 +144,26 @@ def test_int8_keeps_the_first_and_last_layer_in_fp32(model_and_batch, tmp_path):
     graph = onnx.helper.make_graph(nodes[:2], "g", [], [])
     onnx.save(onnx.helper.make_model(graph), str(tiny))
     assert backends.fp32_ends(tiny) == []
+
+
+REUSE_EXPORT = """
+import sys, torch
+from components import backends
+from components.model import load_model_artifact
+model, _ = load_model_artifact(sys.argv[1])
+print(backends.export_onnx(model.eval(), torch.zeros(2, 3, 32, 32)))
+"""
+
+
+def test_server_workers_reuse_the_onnx_export_their_parent_shared(model_and_batch, trained_model, monkeypatch):
+    model, x, _ = model_and_batch
+    monkeypatch.setenv(backends.SHARED_DIR_ENV, "")        # none shared yet; restored after the test
+    path = backends.export_onnx(model, x)
+    shared = backends.share_exports()
+    assert path.parent == shared and os.environ[backends.SHARED_DIR_ENV] == str(shared)
+    # whole, self-contained files only: no partial export, no external ".data" weights beside it
+    assert not [p.name for p in shared.iterdir() if p.name.startswith(".") or p.suffix == ".data"]
+    worker = subprocess.run([sys.executable, "-c", REUSE_EXPORT, str(trained_model)], capture_output=True,
+                            text=True, timeout=300, env=os.environ.copy())
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert worker.stdout.splitlines()[-1] == str(path) and "exported ONNX" not in worker.stdout
