@@ -41,6 +41,23 @@ def trained_model(prepared, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def tampered_model(trained_model, tmp_path) -> Path:
+    """A copy of ``trained_model`` whose weights no longer match its model card (4 bytes changed)."""
+    import shutil
+
+    from components.model import WEIGHTS_FILE
+
+    artifact = tmp_path / "tampered-model"
+    shutil.copytree(trained_model, artifact)
+    with open(artifact / WEIGHTS_FILE, "r+b") as f:
+        f.seek(100)
+        original = f.read(4)
+        f.seek(100)
+        f.write(bytes(b ^ 0xFF for b in original))
+    return artifact
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real GTSRB sample (../shared/gtsrb-sample or $GTSRB_SAMPLE_DIR)."""
