@@ -540,13 +540,13 @@ def main(argv=None) -> int:
         server = ServerSettings(args.max_body_bytes, args.request_logs, log_config)
         model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
                            threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=server)
+        worker_metrics.prepare(workers)
     except Exception as e:  # refuse to start, and say why
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     server.apply()
     listen.install()
-    worker_metrics.prepare(workers)
     if workers > 1:                              # workers reuse the exports this process just made
         from components import backends
         backends.share_exports()

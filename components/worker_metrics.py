@@ -25,11 +25,18 @@ PATH = "/metrics"
 
 def prepare(workers: int) -> str | None:
     """In the parent, before any worker starts: an empty directory for the workers' metric files
-    (removed at exit), unless the environment names one already. Nothing to do for one worker."""
+    (removed at exit), unless the environment names one already, which must then exist and hold no
+    earlier run's files (they would be summed in). Nothing to do for one worker."""
     if workers < 2:
         return None
     if os.environ.get(ENV):
-        return os.environ[ENV]
+        named = os.environ[ENV]
+        if not os.path.isdir(named):
+            raise ValueError(f"{ENV}={named} is not a directory")
+        if any(name.endswith(".db") for name in os.listdir(named)):
+            raise ValueError(f"{ENV}={named} holds metric files of an earlier run, which /metrics would add "
+                             f"to this one's; empty it or unset {ENV}")
+        return named
     directory = tempfile.mkdtemp(prefix="gtsrb-metrics-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ[ENV] = directory

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -27,6 +28,12 @@ def test_workers_get_a_fresh_directory_unless_one_is_named(monkeypatch, tmp_path
     assert os.environ[worker_metrics.ENV] == directory and os.listdir(directory) == []
     monkeypatch.setenv(worker_metrics.ENV, str(tmp_path))
     assert worker_metrics.prepare(2) == str(tmp_path)
+    (tmp_path / "counter_12345.db").write_bytes(b"")           # left by an earlier server
+    with pytest.raises(ValueError, match="earlier run"):
+        worker_metrics.prepare(2)
+    monkeypatch.setenv(worker_metrics.ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not a directory"):
+        worker_metrics.prepare(2)
 
 
 def test_metrics_route_answers_the_sum_over_processes_before_a_later_metrics_route(monkeypatch, tmp_path):
