@@ -130,21 +130,45 @@ def lr_factor(schedule: str, progress: float) -> float:
 
 
 class Clock:
-    """Training progress in [0, 1]: the larger of steps done / steps planned and seconds spent /
-    ``budget``. The schedule follows it and training stops at 1, so on a slow or busy machine a
-    run ends within its budget with a fully annealed model (fewer epochs, not a schedule cut
-    short); where the planned epochs fit, the budget never binds and runs stay reproducible."""
+    """Training progress in [0, 1]; the learning-rate schedule follows it and training stops at 1.
+
+    Progress is steps done / steps planned, so where the planned epochs fit in ``budget`` a run is
+    reproducible: same data, same seed, same weights. Once enough steps have run to project the
+    finish (at least 10, and 5 % of the plan or of the budget) and the projection overruns the
+    budget, progress becomes
+    the larger of that and seconds spent / ``budget`` for the rest of the run: on a slow or busy
+    machine a run ends within its budget with a fully annealed model (fewer epochs, not a schedule
+    cut short). ``out_of_time`` stops training at the budget in any case.
+    """
 
     def __init__(self, total_steps: int, budget: float = 0.0, start: float | None = None):
         self.total_steps, self.budget, self.steps = max(1, total_steps), budget, 0
         self.start = time.perf_counter() if start is None else start
+        self.by_time = False                     # switched to time-based progress (latches)
+        self._first_step: float | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def progress(self) -> float:
-        by_time = self.elapsed() / self.budget if self.budget else 0.0
-        return min(1.0, max(self.steps / self.total_steps, by_time))
+        by_steps = self.steps / self.total_steps
+        if self.budget and not self.by_time:
+            self.by_time = self._projected_seconds() > self.budget
+        if self.by_time:
+            return min(1.0, max(by_steps, self.elapsed() / self.budget))
+        return min(1.0, by_steps)
+
+    def _projected_seconds(self) -> float:
+        """Seconds the whole run will take at the average pace of its steps so far (0 until
+        enough steps have run for the average to mean something)."""
+        now = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = now
+        stepping = now - self._first_step
+        if self.steps < 10 or (self.steps < 0.05 * self.total_steps and stepping < 0.05 * self.budget):
+            return 0.0
+        per_step = stepping / self.steps
+        return (now - self.start) + (self.total_steps - self.steps) * per_step
 
     def out_of_time(self) -> bool:
         return bool(self.budget) and self.elapsed() >= self.budget
@@ -254,7 +278,7 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
             print(f"train: early stop, no val improvement for {config.patience} epochs", flush=True)
             break
     wall = time.perf_counter() - loop_start
-    stopped_by_time = clock.steps < clock.total_steps and clock.progress() >= 1.0
+    stopped_by_time = clock.steps < clock.total_steps and (clock.progress() >= 1.0 or clock.out_of_time())
     total = clock.elapsed()
     if best["state"] is None:
         raise RuntimeError(f"time budget of {config.time_budget:g} s used up ({total:.1f} s, data loading "

@@ -54,17 +54,38 @@ def test_onecycle_warms_up_then_anneals_to_zero():
         lr_factor("cosine", 0.5)
 
 
-def test_clock_progress_is_the_larger_of_steps_and_time():
+def test_clock_follows_steps_while_the_plan_fits_and_time_once_it_overruns():
     now = time.perf_counter()
-    clock = Clock(total_steps=100, budget=10.0, start=now - 5.0)
-    assert clock.progress() == pytest.approx(0.5, abs=0.01) and not clock.out_of_time()
-    clock.steps = 80
-    assert clock.progress() == 0.8
+    fits = Clock(total_steps=100, budget=10.0, start=now - 5.0)   # loading took half the budget
+    assert fits.progress() == 0.0                   # steps only: the first learning rate never depends on timing
+    fits._first_step = now - 0.5                    # 20 steps in 0.5 s: 80 more take 2 s, 7.5 s in all
+    fits.steps = 20
+    assert fits.progress() == 0.2 and not fits.by_time and not fits.out_of_time()
+    slow = Clock(total_steps=100, budget=10.0, start=now - 5.0)
+    slow.progress()
+    slow._first_step = now - 4.0                    # 20 steps in 4 s: 80 more take 16 s, 21 s in all
+    slow.steps = 20
+    assert slow.progress() == pytest.approx(0.5, abs=0.01) and slow.by_time
+    slow.steps = 80
+    assert slow.progress() == 0.8                   # the larger of steps and time
+    few = Clock(total_steps=1000, budget=100.0, start=now - 5.0)
+    few.progress()
+    few._first_step, few.steps = now - 4.0, 49     # under 5 % of the plan and of the budget: no projection
+    assert few.progress() == 0.049 and not few.by_time
+    few._first_step = now - 6.0                     # 5 % of the budget spent stepping: 951 more steps overrun
+    assert few.progress() == pytest.approx(0.05, abs=0.01) and few.by_time   # 5 s of 100 spent
     late = Clock(total_steps=100, budget=10.0, start=now - 11.0)
-    assert late.progress() == 1.0 and late.out_of_time()
+    assert late.out_of_time()
     unlimited = Clock(total_steps=100, budget=0.0, start=now - 1e6)
     unlimited.steps = 25
     assert unlimited.progress() == 0.25 and not unlimited.out_of_time()
+
+
+def test_training_twice_with_one_seed_gives_the_same_weights(prepared, tmp_path):
+    cards = [train_model(str(prepared), str(tmp_path / f"run{i}"), TrainConfig(epochs=2, seed=3)) for i in range(2)]
+    assert cards[0]["weights_sha256"] == cards[1]["weights_sha256"]
+    assert [h["train_loss"] for h in cards[0]["training"]["history"]] == \
+        [h["train_loss"] for h in cards[1]["training"]["history"]]
 
 
 def test_augment_is_reproducible_varied_and_never_mirrors():
