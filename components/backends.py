@@ -16,13 +16,11 @@ a fake "bf16" result.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import hashlib
 import os
 import platform
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.runtime import read_cpu
+from components.runtime import process_temp_dir, read_cpu
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 REFERENCE = "eager"
@@ -149,9 +147,7 @@ def _workdir() -> Path:
     (:func:`share_exports`), else a new one, removed when this process exits."""
     if os.environ.get(SHARED_DIR_ENV):
         return Path(os.environ[SHARED_DIR_ENV])
-    path = Path(tempfile.mkdtemp(prefix="gtsrb-backends-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    return process_temp_dir("gtsrb-backends-")
 
 
 def share_exports() -> Path:

@@ -9,8 +9,9 @@ worker in 2 of 6 tries, 630 instead of 1,050 req/s.
 With :class:`ReusePortMultiProcess` every worker listens on its own socket, all bound to the port
 with SO_REUSEPORT, and the kernel assigns each new connection to one of them by a hash of its
 addresses (what gunicorn's ``--reuse-port`` and nginx's ``listen ... reuseport`` do, and what
-uvicorn PR #2472 proposes). The parent keeps one more socket of the group bound, never listening,
-for KServe to hand to a worker it restarts.
+uvicorn PR #2472 proposes). The parent keeps one more socket of the group, bound but not
+listening until KServe hands it to a worker it restarts (after which it stays in the group: a
+connection that reaches it while no worker holds it waits for the next restart).
 """
 
 from __future__ import annotations

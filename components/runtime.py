@@ -1,11 +1,13 @@
 """Process-level helpers shared by the steps: the CPU (/proc/cpuinfo) and its budget, thread settings,
-atomic output directories."""
+atomic output directories, temporary directories that live as long as the process."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +71,13 @@ def set_threads(threads: int | None = None) -> int:
     threads = threads or cpu_count()
     torch.set_num_threads(threads)
     return threads
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new temporary directory, removed when this process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @contextmanager

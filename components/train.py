@@ -135,10 +135,9 @@ class Clock:
     Progress is steps done / steps planned, so where the planned epochs fit in ``budget`` a run is
     reproducible: same data, same seed, same weights. Once enough steps have run to project the
     finish (at least 10, and 5 % of the plan or of the budget) and the projection overruns the
-    budget, progress becomes
-    the larger of that and seconds spent / ``budget`` for the rest of the run: on a slow or busy
-    machine a run ends within its budget with a fully annealed model (fewer epochs, not a schedule
-    cut short). ``out_of_time`` stops training at the budget in any case.
+    budget, progress becomes the larger of that and seconds spent / ``budget`` for the rest of the
+    run: on a slow or busy machine a run ends within its budget with a fully annealed model (fewer
+    epochs, not a schedule cut short). ``out_of_time`` stops training at the budget in any case.
     """
 
     def __init__(self, total_steps: int, budget: float = 0.0, start: float | None = None):

@@ -11,13 +11,12 @@ As prometheus_client documents for this mode, per-process collectors (``process_
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, exposition, multiprocess
+
+from components.runtime import process_temp_dir
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 PATH = "/metrics"
@@ -37,8 +36,7 @@ def prepare(workers: int) -> str | None:
             raise ValueError(f"{ENV}={named} holds metric files of an earlier run, which /metrics would add "
                              f"to this one's; empty it or unset {ENV}")
         return named
-    directory = tempfile.mkdtemp(prefix="gtsrb-metrics-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory = str(process_temp_dir("gtsrb-metrics-"))
     os.environ[ENV] = directory
     return directory
 
