@@ -52,12 +52,12 @@ BENCH_DURATION ?= 10
 
 .PHONY: serve
 serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on port SERVE_PORT=8090)
-	$(PYTHON) -m components.predictor --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT)
+	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT)
 
 .PHONY: predict
 predict: ## send one image to `make serve` on 127.0.0.1 and print the answer (IMG=path.ppm)
 	$(if $(IMG),,$(error IMG is required: make predict IMG=path/to/image.ppm))
-	$(PYTHON) -m components.smoke predict $(IMG) --url http://127.0.0.1:$(SERVE_PORT)
+	$(PYTHON) -m components.serve predict $(IMG) --url http://127.0.0.1:$(SERVE_PORT)
 
 .PHONY: bench-serve
 bench-serve: ## KServe predictor vs Flask dev server vs gunicorn on loopback, same model + request (BENCH_DURATION=s)

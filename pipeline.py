@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import cluster
+from components import cluster, local_run
 from components.backends import BACKENDS
 from components.deploy import deploy
 from components.evaluate import evaluate
@@ -28,8 +28,8 @@ from components.images import image
 from components.ingest import ingest
 from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
-from components.selection import select
-from components.smoke import smoke
+from components.selection import RUN_COLUMNS, results_table, select
+from components.serve import serve
 from components.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
@@ -49,8 +49,12 @@ def heavy(task):
     return task.set_cpu_request(TASK_CPU).set_memory_request(TASK_MEMORY).set_memory_limit(TASK_MEMORY_LIMIT)
 
 
-# deploy_target="kserve": how long the deploy step waits for the InferenceService to be Ready.
+# deploy_target="kserve": how long the deploy step waits for the InferenceService to be Ready,
+# and the task's own deadline beyond that (storage check, apply, smoke test).
 DEPLOY_READY_SECONDS = 900
+DEPLOY_TASK_EXTRA_SECONDS = 300
+# The deploy task itself only talks to the API server and smoke-tests once (loading the model in-process).
+DEPLOY_CPU, DEPLOY_CPU_LIMIT, DEPLOY_MEMORY, DEPLOY_MEMORY_LIMIT = "500m", "2", "1Gi", "2Gi"
 
 
 @dsl.pipeline(name="gtsrb-backends", description="Train a GTSRB traffic-sign CNN, benchmark PyTorch "
@@ -73,18 +77,19 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
                     serving_batch=serving_batch)
     winner = chosen.outputs["Output"]          # select's return value: the winning backend's name
     with dsl.If(deploy_target == "local"):
-        smoke(model=trained.outputs["model"], data=data.outputs["data"], backend=winner)
+        serve(model=trained.outputs["model"], backend=winner)
     with dsl.Else():                            # "kserve"; the step rejects any other value
-        deployed = deploy(model=trained.outputs["model"], data=data.outputs["data"], backend=winner,
+        deployed = deploy(model=trained.outputs["model"], backend=winner,
                           deploy_target=deploy_target, serving_image=image("serve"),
                           namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
                           timeout_seconds=DEPLOY_READY_SECONDS)
         deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit
-        deployed.set_cpu_request("500m").set_cpu_limit("2").set_memory_request("1Gi").set_memory_limit("2Gi")
+        deployed.set_cpu_request(DEPLOY_CPU).set_cpu_limit(DEPLOY_CPU_LIMIT)
+        deployed.set_memory_request(DEPLOY_MEMORY).set_memory_limit(DEPLOY_MEMORY_LIMIT)
         kubernetes.use_secret_as_env(deployed, secret_name=cluster.S3_SECRET,
                                      secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-        kubernetes.set_timeout(deployed, DEPLOY_READY_SECONDS + 300)   # + storage check, apply, smoke test
+        kubernetes.set_timeout(deployed, DEPLOY_READY_SECONDS + DEPLOY_TASK_EXTRA_SECONDS)
     return chosen.outputs["summary"]
 
 
@@ -102,7 +107,7 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     out = Path(output_dir).resolve()
-    artifacts = out / "artifacts"
+    artifacts = out / local_run.ARTIFACTS_DIR
     artifacts.mkdir(parents=True, exist_ok=True)
     # Task subprocesses import `components` from this checkout (the images bake it in instead).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -118,29 +123,21 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     run = gtsrb_pipeline(data_dir=str(Path(data_dir).expanduser().resolve()), allow_download=allow_download,
                    arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local")
     wall = time.perf_counter() - start
-    summary_path = Path(run.output.path)
-    summary = json.loads(summary_path.read_text())
-    summary["run"] = {"artifacts": str(summary_path.parent.parent), "wall_seconds": round(wall, 1), "epochs": epochs,
-                      "arch": arch, "data_dir": str(data_dir)}
-    summary["serving"] = json.loads((summary_path.parent.parent / "smoke" / "result").read_text())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = json.loads(Path(run.output.path).read_text())
+    summary["run"] = {"artifacts": str(local_run.run_folder(run.output.path)), "wall_seconds": round(wall, 1),
+                      "epochs": epochs, "arch": arch, "data_dir": str(data_dir)}
+    summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
+    (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
     serving = summary["serving"]
     print(f"served: KServe predictor with {serving['backend']} answered like the artifact "
           f"({', '.join(serving['checks'])}; max probability gap {serving['max_probability_gap']:.1e})")
-    print(f"summary: {out / 'summary.json'}")
+    print(f"summary: {out / local_run.SUMMARY_FILE}")
     return summary
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'backend':<16}{'accuracy %':>11}{'agree %':>9}{'b1 ms':>9}{'b64 ms':>9}  verdict")
-    for name, r in summary["backends"].items():
-        if r["status"] != "ok":
-            print(f"{name:<16}{'-':>11}{'-':>9}{'-':>9}{'-':>9}  {r['verdict']}")
-            continue
-        print(f"{name:<16}{r['accuracy']:>11.2f}{r['agreement']:>9.2f}{r['latency']['batch1']['median_ms']:>9.3f}"
-              f"{r['latency']['batch64']['median_ms']:>9.3f}  {r['verdict']}")
-    print(f"\nwinner: {summary['winner']}  model: {summary['model']['path']}")
+    print(f"\n{results_table(summary, RUN_COLUMNS)}\n\nwinner: {summary['winner']}  model: {summary['model']['path']}")
 
 
 def submit(args, params: dict) -> int:
@@ -247,8 +244,8 @@ def main(argv=None) -> int:
                 params[key] = value
         return submit(args, params)
     out = Path(args.output_dir)
-    if out.exists() and (out / "summary.json").exists():
-        shutil.rmtree(out / "artifacts", ignore_errors=True)
+    if (out / local_run.SUMMARY_FILE).exists():
+        shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     try:
         run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
                   arch=args.arch, seed=args.seed, allow_download=not args.no_download)

@@ -156,16 +156,18 @@ class LoadMeter:
 # --------------------------------------------------------------------------- the model
 def model_from_run(run_dir: Path) -> tuple[Path, Path] | str:
     """(model dir, data dir) of a run-local output holding a default-architecture model, or why not."""
-    from components.model import DEFAULT_ARCH
+    from components.local_run import SUMMARY_FILE, read_summary, run_output
+    from components.model import CARD_FILE, DEFAULT_ARCH
+    from components.preprocess import split_path
 
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         return f"no {summary_path}"
-    summary = json.loads(summary_path.read_text())
-    model, data = Path(summary["model"]["path"]), Path(summary["run"]["artifacts"]) / "preprocess" / "data"
+    summary = read_summary(summary_path)
+    model, data = Path(summary["model"]["path"]), run_output(summary, "preprocess", "data")
     if summary["model"]["architecture"] != DEFAULT_ARCH:
         return f"{summary_path}: architecture {summary['model']['architecture']!r} is not the default {DEFAULT_ARCH!r}"
-    missing = [p for p in (model / "model_card.json", data / "test.pt", data / "train.pt") if not p.is_file()]
+    missing = [p for p in (model / CARD_FILE, split_path(data, "test")) if not p.is_file()]
     if missing:
         return f"{summary_path}: missing {', '.join(map(str, missing))}"
     problem = unloadable(model)
@@ -173,29 +175,28 @@ def model_from_run(run_dir: Path) -> tuple[Path, Path] | str:
 
 
 def unloadable(model_dir: Path) -> str | None:
-    """Why the artifact does not load into today's network definition (it changes), or None."""
+    """Why the artifact does not fit today's code (network definition, calibration sample), or None."""
     from components.model import load_model_artifact
 
     try:
-        load_model_artifact(model_dir)
+        _, card = load_model_artifact(model_dir)
     except (RuntimeError, KeyError, ValueError, OSError) as e:   # ModelArtifactError is a RuntimeError
         return f"does not load with the current code ({str(e).splitlines()[0]})"
-    return None
+    return None if "calibration" in card else "has no calibration sample (trained by older code)"
 
 
 def quick_model(sample_dir: Path, work: Path, epochs: int | None, retrain: bool) -> tuple[Path, Path]:
     """A default-architecture model trained on the sample data under ``work``; reused while its
     architecture, epochs and training recipe are still today's and it still loads."""
     from components.ingest import ingest_dataset
-    from components.model import CARD_FILE, DEFAULT_ARCH
-    from components.preprocess import preprocess_dataset
+    from components.model import CARD_FILE, DEFAULT_ARCH, read_card
+    from components.preprocess import preprocess_dataset, split_path
     from components.train import TrainConfig, train_model
 
     config = TrainConfig(arch=DEFAULT_ARCH, **({"epochs": epochs} if epochs else {}))
     model, data = work / "model", work / "data"
-    card = model / CARD_FILE
-    if not retrain and card.is_file() and (data / "test.pt").is_file():
-        trained = json.loads(card.read_text())
+    if not retrain and (model / CARD_FILE).is_file() and split_path(data, "test").is_file():
+        trained = read_card(model)
         current = (trained["architecture"] == DEFAULT_ARCH and trained["training"]["epochs"] == config.epochs
                    and trained["training"]["recipe"] == config.recipe() and not unloadable(model))
         if current:
@@ -278,21 +279,18 @@ def target_report(f: dict) -> str:
 
 
 def table(selection: dict, peak_gflops: float) -> str:
-    head = (f"{'backend':<18}{'prec':<6}{'acc %':>7}{'agree %':>9}{'b1 med':>9}{'b1 p99':>9}{'b64 med':>9}"
-            f"{'b64 p99':>9}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'prep s':>8}  verdict")
-    lines = [head, "-" * len(head)]
-    for name, r in selection["backends"].items():
-        if r["status"] != "ok":
-            lines.append(f"{name:<18}{r['precision']:<6}{'-':>7}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{'-':>8}"
-                         f"{'-':>9}{'-':>7}{'-':>8}  {r['verdict']}")
-            continue
-        b1, b64 = r["latency"]["batch1"], r["latency"][f"batch{BATCH}"]
-        achieved = b64.get("gflops_per_second", float("nan"))
-        lines.append(f"{name:<18}{r['precision']:<6}{r['accuracy']:>7.2f}{r['agreement']:>9.2f}"
-                     f"{b1['median_ms']:>9.3f}{b1['p99_ms']:>9.3f}{b64['median_ms']:>9.3f}{b64['p99_ms']:>9.3f}"
-                     f"{b64['images_per_second']:>8.0f}{achieved:>9.1f}{100 * achieved / peak_gflops:>7.0f}"
-                     f"{r['prepare_seconds']:>8.1f}  {r['verdict']}")
-    return "\n".join(lines)
+    """The selection's results table with the achieved GFLOP/s and share of the fp32 peak at batch 64."""
+    from components.selection import COLUMNS, Column, results_table
+
+    def achieved(r: dict) -> float:
+        return r["latency"][f"batch{BATCH}"].get("gflops_per_second", float("nan"))
+
+    columns = [*(COLUMNS[k] for k in ("precision", "accuracy", "agreement", "b1", "b1_p99", "b64", "b64_p99",
+                                      "throughput")),
+               Column("GFLOP/s (b64)", "GFLOP/s", 9, lambda r: f"{achieved(r):.1f}"),
+               Column("% of peak", "%peak", 7, lambda r: f"{100 * achieved(r) / peak_gflops:.0f}"),
+               COLUMNS["prepare"]]
+    return results_table(selection, columns)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
                                 [--image file.ppm] [--duration 10] [--concurrency 1,8] [--workers N]
 
 Servers, all on 127.0.0.1 (all three run; only the one being measured gets requests):
-- ``kserve``:   ``python -m components.predictor`` (kserve.ModelServer, N worker processes);
+- ``kserve``:   ``python -m components.serving`` (kserve.ModelServer, N worker processes);
 - ``flask``:    a Flask app written and run the way the common ONNX+Flask tutorial ships it
                 (model loaded at import, ``app.run(threaded=True)`` development server);
 - ``gunicorn``: the same Flask app under gunicorn with N sync worker processes.
@@ -31,7 +31,7 @@ from pathlib import Path
 import orjson
 
 from components.evaluate import percentile
-from components.smoke import MODEL_NAME, free_port, predictor_command, stop
+from components.serving.client import MODEL_NAME, free_port, predictor_command, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("kserve", "flask", "gunicorn")
@@ -52,8 +52,8 @@ def flask_app():
     from PIL import Image
 
     from components.model import CLASS_NAMES, normalize, to_uint8_32
-    from components.predictor import prepare_served
     from components.runtime import set_threads
+    from components.serving.model import prepare_served
 
     set_threads(int(os.environ["BENCH_THREADS"]))
     run, card = prepare_served(os.environ["BENCH_MODEL_DIR"], os.environ["BENCH_BACKEND"])
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     if not (model_dir and backend):
         if not args.summary.is_file():
             parser.error(f"{args.summary} not found: run `make local` first or pass --model-dir and --backend")
-        from components.predictor import serving_target
+        from components.local_run import serving_target
 
         summary_dir, winner = serving_target(args.summary)
         model_dir, backend = model_dir or summary_dir, backend or winner

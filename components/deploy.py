@@ -6,10 +6,11 @@
   secret of the predictor's service account), the winning backend and the expected weights
   sha256 as env, resource requests/limits (one server worker per CPU of the limit) and a
   readiness probe on the model's V2 ready endpoint.
-- :func:`deploy_model`: checks that the storageUri holds the artifact being deployed (or uploads
-  a local artifact), creates or replaces the InferenceService (applying twice leaves one), waits
-  for Ready with a timeout (failing with the conditions and the predictor's last events), then
-  smoke-tests the predict URL against the same artifact in-process.
+- :func:`deploy_model`: checks that the storageUri (the Model artifact's own URI: what was
+  measured is what is served) holds the artifact being deployed, creates or replaces the
+  InferenceService (applying twice leaves one), waits for Ready with a timeout (failing with the
+  conditions and the predictor's last events), then smoke-tests the predict URL against the same
+  artifact in-process.
 
 KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...``; KServe reads ``s3://``
 (components.storage maps one to the other).
@@ -20,7 +21,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Input, Model, Output
 from kserve import ApiClient, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
 from kserve.constants.constants import (
     KSERVE_GROUP,
@@ -41,7 +42,7 @@ from kubernetes.client.exceptions import ApiException
 
 from components import cluster
 from components.kfp_step import step
-from components.predictor import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
+from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
 
 GROUP, VERSION, PLURAL, KIND = (KSERVE_GROUP, KSERVE_V1BETA1_VERSION, KSERVE_PLURAL_INFERENCESERVICE,
                                KSERVE_KIND_INFERENCESERVICE)
@@ -92,7 +93,7 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
     container = V1Container(
         name=CONTAINER_NAME,
         image=serving.image,
-        command=["python", "-m", "components.predictor"],
+        command=["python", "-m", "components.serving"],
         args=[f"--model_name={serving.name}", f"--model_dir={MODEL_MOUNT}", f"--http_port={HTTP_PORT}",
               f"--workers={serving.cpu_limit}"],
         env=[V1EnvVar(name="STORAGE_URI", value=storage_uri),
@@ -219,35 +220,32 @@ def service_url(isvc: dict) -> str:
 
 
 # --------------------------------------------------------------------------- storage
-def resolve_storage_uri(model_uri: str, model_dir: str, weights_sha256: str, client, bucket: str,
-                        prefix: str) -> str:
-    """The s3:// storageUri to serve: KFP's minio:// (or an s3://) artifact URI, after checking
-    that its model card names the same weights; or else (a local directory: a kfp.local artifact,
-    a serving bundle with calibration images) an upload to ``s3://bucket/prefix/``."""
+def resolve_storage_uri(model_uri: str, weights_sha256: str, client) -> str:
+    """The s3:// storageUri to serve: the Model artifact's own URI (KFP's minio://, or s3://),
+    after checking that its model card names the same weights."""
     from components import storage
 
-    if model_uri.startswith(storage.SCHEMES):
-        uri = storage.s3_prefix_uri(model_uri)
-        stored = storage.read_card(client, uri).get("weights_sha256")
-        if stored != weights_sha256:
-            raise DeployError(f"{uri} holds weights {stored}, not the deployed artifact's {weights_sha256}")
-        return uri
-    return storage.upload_artifact(client, model_dir, f"s3://{bucket}/{prefix}")["uri"]
+    if not model_uri.startswith(storage.SCHEMES):
+        raise DeployError(f"the model artifact {model_uri!r} is not in the object store "
+                          f"({' or '.join(storage.SCHEMES)}); KServe can only serve what it can download")
+    uri = storage.s3_prefix_uri(model_uri)
+    stored = storage.read_card(client, uri).get("weights_sha256")
+    if stored != weights_sha256:
+        raise DeployError(f"{uri} holds weights {stored}, not the deployed artifact's {weights_sha256}")
+    return uri
 
 
 # --------------------------------------------------------------------------- deploy
 def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, storage_client,
-                 serving: Serving, timeout: float = 600, bucket: str = cluster.MINIO_BUCKET,
-                 smoke=None, **wait_options) -> dict:
-    """Deploy and check; returns the deployment record. ``smoke(url, model_dir, backend, name)``
-    defaults to components.smoke.check_endpoint."""
-    from components.model import load_model_artifact
-    from components.smoke import check_endpoint
+                 serving: Serving, timeout: float = 600, smoke=None, **wait_options) -> dict:
+    """Deploy the Model artifact at ``model_uri`` (``model_dir``: KFP's local copy of it) and
+    check it; returns the deployment record. ``smoke(url, model_dir, backend, name)`` defaults to
+    components.serving.check.check_endpoint."""
+    from components.model import verified_card
+    from components.serving.check import check_endpoint
 
-    _, card = load_model_artifact(model_dir)           # verifies the local copy's sha256
-    sha = card["weights_sha256"]
-    storage_uri = resolve_storage_uri(model_uri, model_dir, sha, storage_client, bucket,
-                                      f"models/{serving.name}/{sha}-{backend}")
+    sha = verified_card(model_dir)["weights_sha256"]   # verifies the local copy's files
+    storage_uri = resolve_storage_uri(model_uri, sha, storage_client)
     body = render_inference_service(storage_uri, backend, sha, serving)
     applied = apply_inference_service(custom_api, body)
     print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
@@ -261,34 +259,37 @@ def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_
             "predict_url": f"{url}/v1/models/{serving.name}:predict"}
 
 
-@step("deploy")
-def deploy(model: Input[Model], data: Input[Dataset], backend: str, deploy_target: str, serving_image: str,
-           namespace: str, name: str, timeout_seconds: int, record: Output[Artifact]) -> str:
-    """Serve the winner as a KServe InferenceService, wait for Ready, smoke-test it. ``serving_image``
-    is fixed when the pipeline is compiled (components.images), like every step's image; ``data``
-    supplies the calibration images when the winner needs them (int8). The pipeline runs this step
-    for every deploy_target but "local", so a misspelt target fails here instead of serving nothing."""
+def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Serving, timeout: float,
+                      record_path: str) -> dict:
+    """The deploy step in the cluster: Kubernetes and object-store clients from the pod's service
+    account and environment, :func:`deploy_model`, the record written to ``record_path``."""
     import json
-    import tempfile
-
-    if deploy_target != "kserve":
-        raise ValueError(f"deploy_target must be 'local' or 'kserve', got {deploy_target!r}")
 
     from kubernetes import client, config
 
-    from components.cluster import MINIO_ENDPOINT
-    from components.deploy import Serving, deploy_model
-    from components.predictor import serving_bundle
     from components.storage import client_from_env
 
     config.load_incluster_config()
-    serving = Serving(name=name, namespace=namespace, image=serving_image)
-    with tempfile.TemporaryDirectory() as tmp:
-        served = serving_bundle(model.path, data.path, backend, f"{tmp}/model")
-        model_uri = model.uri if served == model.path else served      # a bundle is uploaded as a new artifact
-        outcome = deploy_model(model_uri, served, backend, client.CustomObjectsApi(), client.CoreV1Api(),
-                               client_from_env(MINIO_ENDPOINT), serving, timeout=timeout_seconds)
-    with open(record.path, "w") as f:
+    outcome = deploy_model(model_uri, model_dir, backend, client.CustomObjectsApi(), client.CoreV1Api(),
+                           client_from_env(cluster.MINIO_ENDPOINT), serving, timeout=timeout)
+    with open(record_path, "w") as f:
         json.dump(outcome, f, indent=2)
+    return outcome
+
+
+@step("deploy")
+def deploy(model: Input[Model], backend: str, deploy_target: str, serving_image: str,
+           namespace: str, name: str, timeout_seconds: int, record: Output[Artifact]) -> str:
+    """Serve the winner as a KServe InferenceService, wait for Ready, smoke-test it. ``serving_image``
+    is fixed when the pipeline is compiled (components.images), like every step's image. The
+    pipeline runs this step for every deploy_target but "local", so a misspelt target fails here
+    instead of serving nothing."""
+    if deploy_target != "kserve":
+        raise ValueError(f"deploy_target must be 'local' or 'kserve', got {deploy_target!r}")
+
+    from components.deploy import Serving, deploy_and_record
+
+    outcome = deploy_and_record(model.uri, model.path, backend, Serving(name=name, namespace=namespace,
+                                image=serving_image), timeout_seconds, record.path)
     record.metadata.update(url=outcome["url"], storage_uri=outcome["storage_uri"], backend=backend)
     return outcome["predict_url"]

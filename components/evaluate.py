@@ -25,13 +25,12 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 from components import backends
 from components.kfp_step import step
-from components.model import NUM_CLASSES, load_model_artifact, normalize
+from components.model import NUM_CLASSES, calibration_images, load_model_artifact, normalize
 from components.preprocess import load_split
 from components.runtime import set_threads
 
 LATENCY_BATCHES = (1, 64)
 EVAL_BATCH = 64
-CALIBRATION_IMAGES = 512
 MIN_RUNS = 50
 
 
@@ -41,28 +40,20 @@ class EvalData:
     card: dict
     x: torch.Tensor                  # normalized test images
     y: torch.Tensor                  # test labels
-    data_dir: Path
+    model_dir: Path
 
     @cached_property
     def calibration(self) -> torch.Tensor:
-        """Normalized training images for int8 calibration, read on first use: only backends that
-        need calibration pay for loading the training split."""
-        return calibration_images(self.data_dir, self.card["normalization"])
-
-
-def calibration_images(data_dir: str | Path, normalization: dict, count: int = CALIBRATION_IMAGES,
-                       seed: int = 0) -> torch.Tensor:
-    """``count`` training images (a fixed seeded sample, so every task quantizes identically), normalized."""
-    train = load_split(data_dir, "train")["images"]
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
-    return normalize(train[pick.sort().values], normalization["mean"], normalization["std"])
+        """The artifact's calibration sample (normalized), read on first use: the images every
+        evaluation and the server calibrate int8 backends with."""
+        return calibration_images(self.model_dir, self.card)
 
 
 def load_eval_data(model_dir: str | Path, data_dir: str | Path) -> EvalData:
     model, card = load_model_artifact(model_dir)
     test = load_split(data_dir, "test")
     norm = card["normalization"]
-    return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"], Path(data_dir))
+    return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"], Path(model_dir))
 
 
 def batch_of(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -157,6 +157,17 @@ def count_flops(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- artifact
+# The Model artifact: WEIGHTS_FILE + CALIBRATION_FILE + CARD_FILE (written last; it records every
+# other file's sha256). Every reader goes through read_card / verified_card.
+CALIBRATION_FILE = "calibration.pt"     # uint8 training images int8 backends calibrate with
+CALIBRATION_IMAGES = 512
+CALIBRATION_SEED = 0                    # fixed: every evaluation and every server quantizes identically
+
+
+class ModelArtifactError(RuntimeError):
+    pass
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,8 +176,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def save_calibration_sample(directory: str | Path, train_images: torch.Tensor) -> dict:
+    """Write CALIBRATION_IMAGES training images (uint8, a CALIBRATION_SEED-seeded sample in
+    index order) into ``directory``; returns the model card's ``calibration`` entry."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    sample = train_images[pick[:CALIBRATION_IMAGES].sort().values].contiguous()
+    path = directory / CALIBRATION_FILE
+    torch.save(sample, path)
+    return {"file": CALIBRATION_FILE, "images": len(sample), "seed": CALIBRATION_SEED, "dtype": "uint8",
+            "sha256": sha256_file(path)}
+
+
 def save_model_artifact(directory: str | Path, model: nn.Module, card: dict) -> dict:
-    """Write weights + model card into ``directory``; returns the completed card."""
+    """Write weights + model card into ``directory`` (beside a calibration sample the card
+    already names, if any); returns the completed card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
@@ -179,25 +204,54 @@ def save_model_artifact(directory: str | Path, model: nn.Module, card: dict) -> 
     return card
 
 
-class ModelArtifactError(RuntimeError):
-    pass
+def read_card(directory: str | Path) -> dict:
+    """The model card of the artifact in ``directory`` (not verified: see :func:`verified_card`)."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise ModelArtifactError(f"{path}: model card missing (is {directory} a model artifact?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelArtifactError(f"{path}: not a JSON model card ({e})") from None
+
+
+def artifact_files(card: dict) -> dict[str, str]:
+    """File name -> expected sha256 of every file the card vouches for (weights, calibration)."""
+    files = {card.get("weights_file", WEIGHTS_FILE): card.get("weights_sha256")}
+    if "calibration" in card:
+        files[card["calibration"]["file"]] = card["calibration"]["sha256"]
+    return files
+
+
+def verified_card(directory: str | Path) -> dict:
+    """The model card, after checking that every file it names is there with its sha256."""
+    directory = Path(directory)
+    card = read_card(directory)
+    for name, expected in artifact_files(card).items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelArtifactError(f"{path}: {name} missing from the model artifact")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelArtifactError(f"{path}: sha256 {actual} does not match the model card's {expected}")
+    return card
 
 
 def load_model_artifact(directory: str | Path) -> tuple[nn.Module, dict]:
-    """Load weights + card, verifying the weights' sha256 against the card."""
-    directory = Path(directory)
-    card_path = directory / CARD_FILE
-    if not card_path.is_file():
-        raise ModelArtifactError(f"{card_path}: model card missing (is {directory} a model artifact?)")
-    card = json.loads(card_path.read_text())
-    weights = directory / card.get("weights_file", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise ModelArtifactError(f"{weights}: weights file missing")
-    actual = sha256_file(weights)
-    if actual != card.get("weights_sha256"):
-        raise ModelArtifactError(
-            f"{weights}: sha256 {actual} does not match the model card's {card.get('weights_sha256')}")
+    """Load weights + card, verifying every file's sha256 against the card."""
+    card = verified_card(directory)
     model = build_model(card["architecture"])
+    weights = Path(directory) / card.get("weights_file", WEIGHTS_FILE)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     return model, card
+
+
+def calibration_images(directory: str | Path, card: dict) -> torch.Tensor:
+    """The artifact's calibration sample, normalized like every input (N x 3 x 32 x 32 float32);
+    ``card`` comes from :func:`verified_card` / :func:`load_model_artifact`."""
+    if "calibration" not in card:
+        raise ModelArtifactError(f"{directory}: the model card names no calibration sample (an artifact "
+                                 "from before calibration.pt was written: train it again)")
+    images = torch.load(Path(directory) / card["calibration"]["file"], weights_only=True)
+    return normalize(images, card["normalization"]["mean"], card["normalization"]["std"])

@@ -13,6 +13,8 @@ The same function decides in the pipeline's select step and in ``make bench``.
 import base64
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
@@ -92,22 +94,63 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
     }
 
 
+# --------------------------------------------------------------------------- the results table
+@dataclass(frozen=True)
+class Column:
+    """One column of the results table: Markdown title, plain-text title and width, and the cell of
+    a backend that ran (a skipped backend shows a dash, unless ``always``)."""
+    title: str
+    short: str
+    width: int
+    cell: Callable[[dict], str]
+    always: bool = False
+
+
+def _latency(batch: int, key: str, fmt: str) -> Callable[[dict], str]:
+    return lambda r: format(r["latency"][f"batch{batch}"][key], fmt)
+
+
+COLUMNS = {
+    "precision": Column("precision", "prec", 6, lambda r: r["precision"], always=True),
+    "accuracy": Column("accuracy %", "acc %", 8, lambda r: f"{r['accuracy']:.2f}"),
+    "agreement": Column("agreement %", "agree %", 9, lambda r: f"{r['agreement']:.2f}"),
+    "b1": Column("b1 median ms", "b1 ms", 9, _latency(1, "median_ms", ".3f")),
+    "b1_p99": Column("b1 p99 ms", "b1 p99", 9, _latency(1, "p99_ms", ".3f")),
+    "b64": Column("b64 median ms", "b64 ms", 9, _latency(TIE_BREAK_BATCH, "median_ms", ".3f")),
+    "b64_p99": Column("b64 p99 ms", "b64 p99", 9, _latency(TIE_BREAK_BATCH, "p99_ms", ".3f")),
+    "throughput": Column("images/s (b64)", "img/s", 8, _latency(TIE_BREAK_BATCH, "images_per_second", ".0f")),
+    "prepare": Column("prepare s", "prep s", 8, lambda r: f"{r['prepare_seconds']:.1f}"),
+}
+RUN_COLUMNS = [COLUMNS[k] for k in ("accuracy", "agreement", "b1", "b64")]          # run-local's summary
+REPORT_COLUMNS = list(COLUMNS.values())                                            # the select report
+NAME_WIDTH = 18
+
+
+def results_table(selection: dict, columns: list[Column] = RUN_COLUMNS, markdown: bool = False) -> str:
+    """Backend | columns... | verdict for every backend of a selection, as aligned text or Markdown
+    (the winner in bold)."""
+    rows = []
+    for name, r in selection["backends"].items():
+        ran = r["status"] == "ok"
+        cells = [c.cell(r) if ran or c.always else ("–" if markdown else "-") for c in columns]
+        rows.append((name, cells, r["verdict"]))
+    if markdown:
+        lines = ["| backend | " + " | ".join(c.title for c in columns) + " | verdict |",
+                 "|" + "---|" * (len(columns) + 2)]
+        lines += [f"| {'**' + name + '**' if name == selection['winner'] else name} | " + " | ".join(cells)
+                  + f" | {verdict} |" for name, cells, verdict in rows]
+        return "\n".join(lines)
+    lines = [f"{'backend':<{NAME_WIDTH}}" + "".join(f"{c.short:>{c.width}}" for c in columns) + "  verdict"]
+    lines += [f"{name:<{NAME_WIDTH}}" + "".join(f"{cell:>{c.width}}" for c, cell in zip(columns, cells, strict=True))
+              + f"  {verdict}" for name, cells, verdict in rows]
+    return "\n".join(lines)
+
+
 def markdown_report(selection: dict, chart_png: bytes | None = None) -> str:
     winner = selection["winner"]
-    rows = ["| backend | precision | accuracy % | agreement % | b1 median ms | b1 p99 ms | b64 median ms | "
-            "b64 p99 ms | images/s (b64) | prepare s | verdict |", "|" + "---|" * 11]
-    for name, r in selection["backends"].items():
-        if r["status"] != "ok":
-            rows.append(f"| {name} | {r['precision']} | – | – | – | – | – | – | – | – | {r['verdict']} |")
-            continue
-        b1, b64 = r["latency"]["batch1"], r["latency"]["batch64"]
-        rows.append(f"| {'**' + name + '**' if name == winner else name} | {r['precision']} | "
-                    f"{r['accuracy']:.2f} | {r['agreement']:.2f} | {b1['median_ms']:.3f} | {b1['p99_ms']:.3f} | "
-                    f"{b64['median_ms']:.3f} | {b64['p99_ms']:.3f} | {b64['images_per_second']:.0f} | "
-                    f"{r['prepare_seconds']:.1f} | {r['verdict']} |")
     w = selection["backends"][winner]
     lines = [f"# Backend selection\n\n**Winner: `{winner}`** — {w['description']}.\n",
-             f"Rule: {selection['rule']}.\n", "\n".join(rows) + "\n",
+             f"Rule: {selection['rule']}.\n", results_table(selection, REPORT_COLUMNS, markdown=True) + "\n",
              f"Measured with {w['threads']} threads, {w['latency']['batch1']['runs']} timed runs per batch size "
              f"after warm-up; the reference is fp32 `eager` on the same {w['test_images']} test images.\n"]
     model = selection.get("model")
@@ -151,28 +194,38 @@ def load_results(paths: list[str]) -> list[dict]:
     return [json.loads(Path(p).read_text()) for p in paths]
 
 
+def model_summary(model_dir: str, model_uri: str) -> dict:
+    """What the summary says about the model: where it is and what it is (from its card)."""
+    from components.model import read_card
+
+    card = read_card(model_dir)
+    return {"uri": model_uri, "path": model_dir, "architecture": card["architecture"],
+            "weights_sha256": card["weights_sha256"], "flops_per_image": card.get("flops_per_image"),
+            "val_accuracy": card.get("training", {}).get("val_accuracy")}
+
+
+def write_selection(result_paths: list[str], model_dir: str, model_uri: str, accuracy_tolerance: float,
+                    min_agreement: float, serving_batch: int, summary_path: str, report_path: str,
+                    chart_path: str) -> dict:
+    """The select step's core: choose, then write the summary JSON, the Markdown report and the
+    HTML chart; returns the summary."""
+    selection = select_winner(load_results(result_paths), accuracy_tolerance, min_agreement, serving_batch)
+    selection["model"] = model_summary(model_dir, model_uri)
+    png = latency_chart(selection)
+    Path(summary_path).write_text(json.dumps(selection, indent=2) + "\n")
+    Path(report_path).write_text(markdown_report(selection, png))
+    Path(chart_path).write_text(f'<img alt="latency per backend" src="data:image/png;base64,'
+                                f'{base64.b64encode(png).decode()}">')
+    print(f"select: winner {selection['winner']}", flush=True)
+    return selection
+
+
 @step("select")
 def select(evaluations: Input[list[Artifact]], model: Input[Model], accuracy_tolerance: float,
            min_agreement: float, serving_batch: int, summary: Output[Artifact],
            report: Output[Markdown], chart: Output[HTML]) -> str:
     """Pick the winning backend; write summary JSON, a Markdown report and an HTML chart."""
-    import base64
-    import json
+    from components.selection import write_selection
 
-    from components.selection import latency_chart, load_results, markdown_report, select_winner
-
-    selection = select_winner(load_results([e.path for e in evaluations]), accuracy_tolerance,
-                              min_agreement, serving_batch)
-    png = latency_chart(selection)
-    card = json.loads(open(f"{model.path}/model_card.json").read())
-    selection["model"] = {"uri": model.uri, "path": model.path, "architecture": card["architecture"],
-                          "weights_sha256": card["weights_sha256"],
-                          "flops_per_image": card.get("flops_per_image")}
-    with open(summary.path, "w") as f:
-        json.dump(selection, f, indent=2)
-    with open(report.path, "w") as f:
-        f.write(markdown_report(selection, png))
-    with open(chart.path, "w") as f:
-        f.write(f'<img alt="latency per backend" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    print(f"select: winner {selection['winner']}")
-    return selection["winner"]
+    return write_selection([e.path for e in evaluations], model.path, model.uri, accuracy_tolerance,
+                           min_agreement, serving_batch, summary.path, report.path, chart.path)["winner"]

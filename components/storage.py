@@ -24,7 +24,7 @@ from minio.commonconfig import CopySource
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
 
-from components.model import CARD_FILE, sha256_file
+from components.model import CARD_FILE, ModelArtifactError, artifact_files, sha256_file, verified_card
 
 STAGING_PREFIX = ".staging"          # never under an artifact prefix: KServe downloads whole prefixes
 SHA256_METADATA = "sha256"           # stored as x-amz-meta-sha256
@@ -132,23 +132,18 @@ def _remove_quietly(client: Minio, bucket: str, key: str) -> None:
 def upload_artifact(client: Minio, directory: str | Path, uri: str) -> dict:
     """Upload a model artifact directory (weights + model card) below ``uri``.
 
-    The weights must match the card's sha256 (nothing is uploaded otherwise); the card goes
+    Every file the card names must match its sha256 (nothing is uploaded otherwise); the card goes
     last; on any failure the objects this call wrote are removed again. Returns
     {uri (s3://.../), files: [{key, size, sha256, etag}, ...]}.
     """
     directory = Path(directory)
     bucket, prefix = parse_uri(uri)
+    try:
+        expected = artifact_files(verified_card(directory))
+    except ModelArtifactError as e:
+        raise StorageError(f"{e}; refusing to upload") from None
     card_path = directory / CARD_FILE
-    if not card_path.is_file():
-        raise StorageError(f"{directory}: no {CARD_FILE}; not a model artifact")
-    card = json.loads(card_path.read_text())
-    weights = directory / card["weights_file"]
-    actual = sha256_file(weights)
-    if actual != card["weights_sha256"]:
-        raise StorageError(f"{weights}: sha256 {actual} does not match the model card's {card['weights_sha256']}; "
-                           "refusing to upload")
     files = sorted((p for p in directory.iterdir() if p.is_file() and p.name != CARD_FILE), key=lambda p: p.name)
-    expected = {weights.name: actual}
     uploaded = []
     try:
         for path in [*files, card_path]:

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.kfp_step import step
-from components.model import DEFAULT_ARCH, FIXED_NORMALIZATION, build_model, count_flops, normalize, save_model_artifact
+from components.model import (
+    DEFAULT_ARCH,
+    FIXED_NORMALIZATION,
+    build_model,
+    count_flops,
+    normalize,
+    save_calibration_sample,
+    save_model_artifact,
+)
 from components.preprocess import load_split
 from components.runtime import set_threads
 
@@ -300,6 +308,7 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
         "data": {"train_images": len(train_idx), "val_images": len(val_idx), "val_tracks": val_tracks,
                  "class_counts": data["class_counts"].tolist()},
     }
+    card["calibration"] = save_calibration_sample(output_dir, images[train_idx])
     card = save_model_artifact(output_dir, model, card)
     print(f"train: done in {wall:.1f}s ({seen / wall:.0f} img/s), best epoch {best['epoch']} "
           f"val acc {card['training']['val_accuracy']}", flush=True)

@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 
 from components import cluster, deploy, storage
 from components.images import image
-from components.model import CARD_FILE, WEIGHTS_FILE, sha256_file
+from components.model import WEIGHTS_FILE, sha256_file
 from tests.s3server import s3_store
 
 SCHEMA = Path(__file__).parent / "schemas" / "inferenceservice-v1beta1.schema.json"
@@ -69,7 +69,7 @@ def test_rendered_inference_service():
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"                      # where KServe looks for STORAGE_URI
     assert container["image"] == SERVING.image
-    assert container["command"] == ["python", "-m", "components.predictor"]
+    assert container["command"] == ["python", "-m", "components.serving"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env == {"STORAGE_URI": URI, "GTSRB_BACKEND": "onnxruntime", "GTSRB_WEIGHTS_SHA256": SHA,
                    "GTSRB_MAX_BATCH": "64"}
@@ -142,7 +142,7 @@ def test_ir_smoke_tests_locally_and_deploys_otherwise(ir):
     branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
     conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()}
     by_task = {next(iter(spec["components"][c]["dag"]["tasks"])): cond for c, cond in conditions.items()}
-    assert by_task == {"smoke": "inputs.parameter_values['pipelinechannel--deploy_target'] == 'local'",
+    assert by_task == {"serve": "inputs.parameter_values['pipelinechannel--deploy_target'] == 'local'",
                        "deploy": "!(inputs.parameter_values['pipelinechannel--deploy_target'] == 'local')"}
     task, _ = _task(ir, "deploy")
     assert task["inputs"]["parameters"]["deploy_target"]["componentInputParameter"].endswith("deploy_target")
@@ -165,9 +165,22 @@ def test_ir_deploy_task_gets_winner_image_secret_resources_and_timeout(ir):
     assert secret["keyToEnv"] == [{"secretKey": "AWS_ACCESS_KEY_ID", "envVar": "AWS_ACCESS_KEY_ID"},
                                   {"secretKey": "AWS_SECRET_ACCESS_KEY", "envVar": "AWS_SECRET_ACCESS_KEY"}]
     assert int(platform["activeDeadlineSeconds"]) > deploy_ready_seconds()
-    smoke_task, _ = _task(ir, "smoke")
-    assert spec["deploymentSpec"]["executors"]["exec-smoke"]["container"]["image"] == image("serve")
-    assert smoke_task["inputs"]["parameters"]["backend"]["componentInputParameter"].endswith("select-Output")
+    serve_task, _ = _task(ir, "serve")
+    assert spec["deploymentSpec"]["executors"]["exec-serve"]["container"]["image"] == image("serve")
+    assert serve_task["inputs"]["parameters"]["backend"]["componentInputParameter"].endswith("select-Output")
+
+
+def test_ir_serve_and_deploy_take_the_model_artifact_and_no_data(ir):
+    """What is served is what was measured: the train task's Model artifact, with its calibration
+    sample inside; the preprocessed data set never travels to serving."""
+    spec, _ = ir
+    for name in ("serve", "deploy"):
+        task, _ = _task(ir, name)
+        artifacts = task["inputs"]["artifacts"]
+        assert set(artifacts) == {"model"}, name
+        assert artifacts["model"] == {"componentInputArtifact": "pipelinechannel--train-model"}, name
+        definition = spec["components"][task["componentRef"]["name"]]["inputDefinitions"]
+        assert set(definition["artifacts"]) == {"model"}, name
 
 
 def deploy_ready_seconds():
@@ -385,7 +398,7 @@ def store():
 @pytest.fixture(scope="module")
 def predictor_url(trained_model):
     """What the Ready InferenceService's address points at: the predictor serving the artifact."""
-    from components.smoke import local_predictor
+    from components.serving.client import local_predictor
 
     with local_predictor(str(trained_model), "eager", workers=1) as served:
         yield served.url
@@ -412,16 +425,12 @@ def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predic
     assert env["GTSRB_WEIGHTS_SHA256"] == sha256_file(trained_model / WEIGHTS_FILE) == record["weights_sha256"]
 
 
-@pytest.mark.slow
-def test_deploy_model_uploads_a_local_artifact(fake, store, trained_model, predictor_url):
+def test_deploy_serves_only_an_artifact_in_the_object_store(fake, store, trained_model):
     state, custom, core = fake
-    state.ready_url = predictor_url
-    record = deploy.deploy_model(str(trained_model), str(trained_model), "eager", custom, core, store, SERVING,
-                                 timeout=60, poll=0, sleep=lambda s: None)
-    sha = sha256_file(trained_model / WEIGHTS_FILE)
-    assert record["storage_uri"] == f"s3://{cluster.MINIO_BUCKET}/models/{cluster.INFERENCE_SERVICE}/{sha}-eager/"
-    keys = {o.object_name.rsplit("/", 1)[1] for o in storage.list_artifact(store, record["storage_uri"])}
-    assert keys == {WEIGHTS_FILE, CARD_FILE}
+    with pytest.raises(deploy.DeployError, match="is not in the object store"):
+        deploy.deploy_model(str(trained_model), str(trained_model), "eager", custom, core, store, SERVING,
+                            timeout=60, poll=0, sleep=lambda s: None)
+    assert not state.objects, "nothing applied"
 
 
 def test_deploy_refuses_a_storage_uri_holding_other_weights(fake, store, trained_model):
@@ -429,7 +438,7 @@ def test_deploy_refuses_a_storage_uri_holding_other_weights(fake, store, trained
     kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
     storage.upload_artifact(store, trained_model, kfp_uri)
     with pytest.raises(deploy.DeployError, match="holds weights"):
-        deploy.resolve_storage_uri(kfp_uri, str(trained_model), "0" * 64, store, cluster.MINIO_BUCKET, "x")
+        deploy.resolve_storage_uri(kfp_uri, "0" * 64, store)
 
 
 def test_ir_heavy_tasks_request_cpu_and_memory_without_a_cpu_limit(ir):

@@ -6,14 +6,13 @@ import torch
 from components import backends, evaluate
 from components.evaluate import (
     batch_of,
-    calibration_images,
     confusion_matrix,
     evaluate_backend,
     latency_stats,
     predict_all,
     quality,
 )
-from components.model import NUM_CLASSES, load_model_artifact, normalize
+from components.model import NUM_CLASSES, load_model_artifact
 from components.preprocess import load_split
 
 
@@ -52,15 +51,6 @@ def test_quality_and_confusion_matrix_count_correctly():
     m = torch.tensor(confusion_matrix(labels, predictions))
     assert m.shape == (NUM_CLASSES, NUM_CLASSES) and m.sum() == 4
     assert m[0, 0] == m[1, 1] == m[2, 1] == m[2, 2] == 1
-
-
-def test_calibration_images_are_a_fixed_normalized_sample_of_training_images(prepared):
-    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
-    first = calibration_images(prepared, norm, count=20)
-    assert first.shape == (20, 3, 32, 32) and torch.equal(first, calibration_images(prepared, norm, count=20))
-    train = normalize(load_split(prepared, "train")["images"], norm["mean"], norm["std"])
-    assert all(any(torch.equal(img, t) for t in train) for img in first[:5])
-    assert not torch.equal(first, train[:20]), "a seeded sample over all classes, not the first images"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import socket
 
-from components.listen import ReusePortMultiProcess, install, reuse_port_socket
+from components.serving.listen import ReusePortMultiProcess, install, reuse_port_socket
 
 
 def test_sockets_of_one_port_share_the_connections():

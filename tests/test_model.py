@@ -4,15 +4,22 @@ from PIL import Image
 
 from components.model import (
     ARCHITECTURES,
+    CALIBRATION_FILE,
+    CALIBRATION_IMAGES,
+    CALIBRATION_SEED,
     DEFAULT_ARCH,
     NUM_CLASSES,
     ImageStandardize,
     ModelArtifactError,
     build_model,
+    calibration_images,
     count_flops,
     load_model_artifact,
     normalize,
+    read_card,
+    save_calibration_sample,
     save_model_artifact,
+    sha256_file,
     to_uint8_32,
 )
 
@@ -78,3 +85,33 @@ def test_artifact_round_trip_and_tampered_weights(tmp_path):
         f.write(b"x")
     with pytest.raises(ModelArtifactError, match="sha256"):
         load_model_artifact(tmp_path)
+
+
+def test_the_calibration_sample_is_a_fixed_seeded_uint8_sample_recorded_with_its_sha256(tmp_path):
+    images = torch.randint(0, 256, (700, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    first, again = save_calibration_sample(tmp_path / "a", images), save_calibration_sample(tmp_path / "b", images)
+    assert first == again and first["images"] == CALIBRATION_IMAGES == 512 and first["seed"] == CALIBRATION_SEED
+    assert first["sha256"] == sha256_file(tmp_path / "a" / CALIBRATION_FILE)
+    sample = torch.load(tmp_path / "a" / CALIBRATION_FILE, weights_only=True)
+    assert sample.dtype == torch.uint8 and sample.shape == (512, 3, 32, 32)
+    rows = {bytes(img.flatten().tolist()): i for i, img in enumerate(images)}
+    picked = [rows[bytes(img.flatten().tolist())] for img in sample]
+    assert picked == sorted(picked) and picked != list(range(512)), "a seeded sample in index order, not the first"
+
+
+def test_train_puts_its_calibration_sample_into_the_model_artifact(trained_model):
+    card = read_card(trained_model)
+    assert card["calibration"]["file"] == CALIBRATION_FILE
+    assert card["calibration"]["sha256"] == sha256_file(trained_model / CALIBRATION_FILE)
+    x = calibration_images(trained_model, card)
+    assert x.dtype == torch.float32 and x.shape == (card["calibration"]["images"], 3, 32, 32)
+    raw = torch.load(trained_model / CALIBRATION_FILE, weights_only=True)
+    assert torch.equal(x, normalize(raw, card["normalization"]["mean"], card["normalization"]["std"]))
+
+
+def test_a_missing_or_unreadable_card_is_a_model_artifact_error(tmp_path):
+    with pytest.raises(ModelArtifactError, match="model card missing"):
+        read_card(tmp_path)
+    (tmp_path / "model_card.json").write_text("{not json")
+    with pytest.raises(ModelArtifactError, match="not a JSON model card"):
+        read_card(tmp_path)

@@ -21,10 +21,11 @@ def _executor_images(ir) -> dict[str, str]:
             for name, spec in ir["deploymentSpec"]["executors"].items()}
 
 
-def test_ir_has_every_step_in_its_own_image(ir):
+def test_ir_has_every_step_in_its_own_image_of_the_same_name(ir):
     found = _executor_images(ir)
-    for step in ("ingest", "preprocess", "train", "evaluate", "select"):
-        assert found[step] == images.image(step)
+    assert set(found) == {"ingest", "preprocess", "train", "evaluate", "select", "serve", "deploy"}
+    for step, image in found.items():
+        assert image == images.image(step), "task, image and @step share one name"
     assert len(set(found.values())) == len(found), "each step runs in its own image"
 
 

@@ -17,8 +17,9 @@ import requests
 from PIL import Image
 
 from components import backends
-from components.predictor import GTSRBModel
-from components.smoke import check_endpoint, free_port, local_predictor, predictor_command, sample_images
+from components.serving.check import check_endpoint, sample_images
+from components.serving.client import free_port, local_predictor, predictor_command
+from components.serving.model import GTSRBModel
 
 pytestmark = pytest.mark.slow
 MODEL = "gtsrb"
@@ -258,7 +259,7 @@ def test_the_server_refuses_to_start_on_weights_that_do_not_match_the_card(tampe
 
 def test_the_server_requires_a_backend(trained_model):
     env = {k: v for k, v in os.environ.items() if k != "GTSRB_BACKEND"}
-    done = subprocess.run([sys.executable, "-m", "components.predictor", f"--model_dir={trained_model}"],
+    done = subprocess.run([sys.executable, "-m", "components.serving", f"--model_dir={trained_model}"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "--backend" in done.stderr
 

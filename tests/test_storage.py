@@ -9,7 +9,7 @@ import torch
 from urllib3.exceptions import ProtocolError
 
 from components import storage
-from components.model import CARD_FILE, WEIGHTS_FILE, load_model_artifact, sha256_file
+from components.model import CALIBRATION_FILE, CARD_FILE, WEIGHTS_FILE, load_model_artifact, sha256_file
 from tests.s3server import s3_store
 
 BUCKET = "mlpipeline"
@@ -55,8 +55,9 @@ def test_upload_then_download_round_trip(client, trained_model, tmp_path):
 
     bucket, prefix = storage.parse_uri(uri)
     assert result["uri"] == f"s3://{bucket}/{prefix}/"
-    assert [f["key"] for f in result["files"]] == [f"{prefix}/{WEIGHTS_FILE}", f"{prefix}/{CARD_FILE}"]  # card last
-    assert keys(client, prefix) == sorted([f"{prefix}/{CARD_FILE}", f"{prefix}/{WEIGHTS_FILE}"])
+    files = [CALIBRATION_FILE, WEIGHTS_FILE, CARD_FILE]                                         # card last
+    assert [f["key"] for f in result["files"]] == [f"{prefix}/{name}" for name in files]
+    assert keys(client, prefix) == sorted(f"{prefix}/{name}" for name in files)
     assert staging_keys(client) == []
     for item in result["files"]:
         local = trained_model / item["key"].rsplit("/", 1)[1]
@@ -65,7 +66,7 @@ def test_upload_then_download_round_trip(client, trained_model, tmp_path):
         assert stat.metadata["x-amz-meta-sha256"] == sha256_file(local) == item["sha256"]
 
     paths = storage.download_artifact(client, uri, tmp_path / "copy")
-    assert sorted(p.name for p in paths) == sorted([CARD_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in paths) == sorted(files)
     original, card = load_model_artifact(trained_model)
     copy, copy_card = load_model_artifact(tmp_path / "copy")
     assert copy_card == card == storage.read_card(client, uri)
@@ -83,7 +84,7 @@ def test_kserve_storage_initializer_downloads_the_storage_uri(client, trained_mo
     out = tmp_path / "mnt-models"
     out.mkdir()
     Storage.download_files([storage_uri], [str(out)])
-    assert sorted(p.name for p in out.iterdir()) == sorted([CARD_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CALIBRATION_FILE, CARD_FILE, WEIGHTS_FILE])
     assert sha256_file(out / WEIGHTS_FILE) == sha256_file(trained_model / WEIGHTS_FILE)
     _, card = load_model_artifact(out)
     assert card["weights_sha256"] == sha256_file(trained_model / WEIGHTS_FILE)
@@ -145,3 +146,15 @@ def test_download_rejects_an_object_whose_bytes_changed(client, trained_model, t
 def test_download_of_an_empty_prefix_fails(client, tmp_path):
     with pytest.raises(storage.StorageError, match="no objects"):
         storage.download_artifact(client, fresh_uri(), tmp_path)
+
+
+def test_a_changed_calibration_sample_is_not_uploaded(client, trained_model, tmp_path):
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(trained_model, changed)
+    (changed / CALIBRATION_FILE).write_bytes(b"other images")
+    uri = fresh_uri()
+    with pytest.raises(storage.StorageError, match="calibration.pt: sha256 .* does not match the model card"):
+        storage.upload_artifact(client, changed, uri)
+    assert keys(client, storage.parse_uri(uri)[1]) == []

@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from components import worker_metrics
+from components.serving import worker_metrics
 
 COUNT = """
 from prometheus_client import Counter

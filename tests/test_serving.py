@@ -1,4 +1,4 @@
-"""The KServe predictor in-process: artifact checks, the training transforms, V1/V2 answers, top-k,
+"""The serving package in-process (components/serving): artifact checks, the training transforms, V1/V2 answers, top-k,
 validation of every instance, and what a multi-worker server ships to its workers."""
 
 import base64
@@ -16,9 +16,19 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image
 
-from components import backends, predictor
-from components.model import CLASS_NAMES, ModelArtifactError, load_model_artifact, normalize, to_uint8_32
-from components.predictor import GTSRBModel
+from components import backends
+from components.model import (
+    CARD_FILE,
+    CLASS_NAMES,
+    ModelArtifactError,
+    calibration_images,
+    load_model_artifact,
+    normalize,
+    to_uint8_32,
+)
+from components.serving import protocol, server
+from components.serving.__main__ import main as serving_main
+from components.serving.model import GTSRBModel, batch_buckets
 from tests.synthetic import sign_image
 
 BACKEND = backends.REFERENCE
@@ -76,27 +86,26 @@ def test_refuses_an_unknown_backend(trained_model):
 
 
 def test_the_command_refuses_a_body_limit_below_one_byte(trained_model, capsys):
-    assert predictor.main(["--model_dir", str(trained_model), "--backend", BACKEND, "--max_body_bytes", "0"]) == 1
+    assert serving_main(["--model_dir", str(trained_model), "--backend", BACKEND, "--max_body_bytes", "0"]) == 1
     err = capsys.readouterr().err
     assert "refusing to serve" in err and "max_body_bytes must be >= 1, got 0" in err
 
 
 @pytest.mark.slow
-def test_every_available_backend_serves_what_it_computes_in_process(trained_model, prepared, tmp_path):
-    """The served answer is the registry backend's own output (int8: with the evaluate step's
-    calibration images, shipped by serving_bundle); fp32 backends all agree with eager."""
+def test_every_available_backend_serves_what_it_computes_in_process(trained_model):
+    """The served answer is the registry backend's own output (int8: calibrated with the model
+    artifact's own calibration sample, as every evaluation is); fp32 backends all agree with eager."""
     images = [encode(sign_image(label, random.Random(label)), "PNG") for label in (0, 14, 33)]
     classes = {}
     for name, spec in backends.BACKENDS.items():
         if spec.unavailable():   # only the hardware can make a backend unavailable (bf16 needs CPU support)
             assert name == "onednn-bf16", f"{name}: {spec.unavailable()}"
             continue
-        bundle = predictor.serving_bundle(trained_model, prepared, name, tmp_path / name)
-        served = GTSRBModel("gtsrb", bundle, name, max_batch=1)
+        served = GTSRBModel("gtsrb", str(trained_model), name, max_batch=1)
         batches = [served.preprocess(v1(image_instance(i))) for i in images]
         answers = [served.predict(b)["predictions"][0] for b in batches]
-        net, _ = load_model_artifact(trained_model)
-        calibration = torch.load(f"{bundle}/{predictor.CALIBRATION_FILE}") if spec.needs_calibration else None
+        net, card = load_model_artifact(trained_model)
+        calibration = calibration_images(trained_model, card) if spec.needs_calibration else None
         run = spec.prepare(net, torch.zeros(1, 3, 32, 32), calibration=calibration)
         expected = [torch.softmax(run(b.x), dim=1)[0] for b in batches]
         assert [a["class_id"] for a in answers] == [int(e.argmax()) for e in expected], name
@@ -106,16 +115,32 @@ def test_every_available_backend_serves_what_it_computes_in_process(trained_mode
     assert len(fp32) >= 2 and all(classes[n] == classes[BACKEND] for n in fp32), classes
 
 
-def test_an_int8_backend_without_calibration_images_refuses_to_start(trained_model):
+def test_an_int8_backend_without_calibration_images_refuses_to_start(trained_model, tmp_path):
     needing = [n for n, b in backends.BACKENDS.items() if b.needs_calibration]
     assert needing, "the registry has an int8 backend that needs calibration images"
-    with pytest.raises(ModelArtifactError, match="needs calibration images"):
-        GTSRBModel("gtsrb", str(trained_model), needing[0])
+    older = tmp_path / "older-model"                   # an artifact from before calibration.pt
+    shutil.copytree(trained_model, older)
+    card = json.loads((older / CARD_FILE).read_text())
+    del card["calibration"]
+    (older / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ModelArtifactError, match="needs calibration images: .* names no calibration sample"):
+        GTSRBModel("gtsrb", str(older), needing[0])
+    GTSRBModel("gtsrb", str(older), BACKEND)             # an fp32 backend does not need it
+
+
+def test_a_changed_calibration_sample_refuses_to_start(trained_model, tmp_path):
+    changed = tmp_path / "changed-model"
+    shutil.copytree(trained_model, changed)
+    card = json.loads((changed / CARD_FILE).read_text())
+    sample = changed / card["calibration"]["file"]
+    torch.save(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), sample)
+    with pytest.raises(ModelArtifactError, match="calibration.pt: sha256 .* does not match the model card"):
+        GTSRBModel("gtsrb", str(changed), BACKEND)
 
 
 def test_requests_are_padded_to_the_warmed_batch_buckets(model):
-    assert predictor.batch_buckets(4) == model.buckets == [1, 2, 4]
-    assert predictor.batch_buckets(1) == [1] and predictor.batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(4) == model.buckets == [1, 2, 4]
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 6]
     seen = []
     run = model._run
     model._run = lambda x: (seen.append(len(x)), run(x))[1]
@@ -183,7 +208,7 @@ def test_v2_bytes_and_fp32_inputs(model):
     assert outputs["class_name"].data == [CLASS_NAMES[c] for c in outputs["class_id"].data]
     assert outputs["top_k_class_id"].data[0] == outputs["class_id"].data[0]
     rest, _ = response.to_rest()
-    assert [o["name"] for o in rest["outputs"]] == list(predictor.V2_OUTPUTS)
+    assert [o["name"] for o in rest["outputs"]] == list(protocol.V2_OUTPUTS)
 
     x = model.preprocess(v1(image_instance(png))).x
     request = InferRequest("gtsrb", [InferInput("input", [1, 3, 32, 32], "FP32", x.flatten().tolist())],
@@ -261,13 +286,13 @@ def test_bad_requests_are_invalid_input_saying_what_is_wrong(model, payload, mes
 # --------------------------------------------------------------------------- multi-worker shipping
 def test_workers_get_settings_not_weights_and_load_when_their_server_starts(model, monkeypatch):
     app = FastAPI()
-    monkeypatch.setattr(predictor.model_server, "app", app)
+    monkeypatch.setattr(server.model_server, "app", app)
     shipped = pickle.dumps(model)
     assert len(shipped) < 10_000                          # no tensors, no prepared backend
     worker = pickle.loads(shipped)
     assert worker.ready is False and not hasattr(worker, "_run")
     assert worker.load in app.router.on_startup           # loads (and verifies) at server start
-    assert any(m.cls is predictor.RequestGuard for m in app.user_middleware)
+    assert any(m.cls is server.RequestGuard for m in app.user_middleware)
     assert worker.server == model.server
     worker.load()
     body = v1(image_instance(base64.b64decode(GOOD)))
@@ -283,8 +308,8 @@ def test_the_per_request_timing_middleware_goes_with_the_request_logs(monkeypatc
     from timing_asgi import TimingMiddleware
 
     app = FastAPI()
-    monkeypatch.setattr(predictor.model_server, "app", app)
-    predictor.ServerSettings(request_logs=request_logs).apply()
+    monkeypatch.setattr(server.model_server, "app", app)
+    server.ServerSettings(request_logs=request_logs).apply()
     app.add_middleware(TimingMiddleware, client=PrintTimings(), metric_namer=lambda scope: "kserve.io")
     app.add_api_route("/", lambda: {"status": "alive"})
     with TestClient(app) as client:                      # runs the startup hooks
@@ -292,32 +317,67 @@ def test_the_per_request_timing_middleware_goes_with_the_request_logs(monkeypatc
         assert client.post("/", content=b"x" * 10).status_code == 405       # through the request guard
     kept = [m.cls for m in app.user_middleware]
     assert (TimingMiddleware in kept) is request_logs
-    assert predictor.RequestGuard in kept
+    assert server.RequestGuard in kept
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():
-    quiet, verbose = predictor.logging_config(False), predictor.logging_config(True)
+    quiet, verbose = server.logging_config(False), server.logging_config(True)
     assert quiet["loggers"]["uvicorn.access"]["level"] == quiet["loggers"]["kserve.trace"]["level"] == "WARNING"
     assert verbose["loggers"]["uvicorn.access"]["level"] == "INFO"
     assert quiet["loggers"]["kserve"] == verbose["loggers"]["kserve"]
 
 
 @pytest.mark.parametrize("winner", ["onnxruntime-int8", BACKEND])
-def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, prepared, tmp_path, winner):
-    """`make serve` / `make bench-serve` read summary.json; an int8 winner gets the run's
-    calibration images bundled beside the summary, any other winner the model artifact itself."""
-    run = tmp_path / "artifacts" / "run"
-    shutil.copytree(prepared, run / "preprocess" / "data")
+def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, tmp_path, winner):
+    """`make serve` / `make bench-serve` read summary.json and serve the model artifact itself,
+    whichever backend won (an int8 winner calibrates with the artifact's own sample)."""
+    from components.local_run import serving_target
+
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)},
-                                   "run": {"artifacts": str(run)}}))
-    served_dir, backend = predictor.serving_target(summary)
-    assert backend == winner
-    if backends.get(winner).needs_calibration:
-        assert served_dir == str(tmp_path / "serving-model")
-        assert (tmp_path / "serving-model" / predictor.CALIBRATION_FILE).is_file()
-    else:
-        assert served_dir == str(trained_model)
-    served = GTSRBModel("gtsrb", served_dir, backend, max_batch=1)
+                                   "run": {"artifacts": str(tmp_path / "artifacts" / "run")}}))
+    assert serving_target(summary) == (str(trained_model), winner)
+    served = GTSRBModel("gtsrb", str(trained_model), winner, max_batch=1)
     answer = served.predict(served.preprocess(v1(image_instance(encode(sign_image(14, random.Random(1)), "PNG")))))
     assert 0 <= answer["predictions"][0]["class_id"] < len(CLASS_NAMES)
+    with pytest.raises(FileNotFoundError, match="run `make local` first"):
+        serving_target(tmp_path / "none.json")
+
+
+# --------------------------------------------------------------------------- the package's boundary
+def _project_imports(path) -> set[str]:
+    """Every components.* module ``path`` imports, at module level or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name.split(".")[0] == "components"}
+
+
+def test_no_serving_module_reaches_evaluate_or_preprocess():
+    """Serving reads only the model artifact: no module of components/serving, nor anything they
+    import (transitively), imports the evaluate step or the data set's preprocessing."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def source(module: str):
+        base = root.joinpath(*module.split("."))
+        return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+    pending = [f"components.serving.{p.stem}" for p in (root / "components" / "serving").glob("*.py")]
+    assert "components.serving.model" in pending and "components.serving.__main__" in pending
+    seen = set()
+    while pending:
+        module = pending.pop()
+        if module in seen or source(module) is None:
+            continue
+        seen.add(module)
+        pending += _project_imports(source(module))
+    assert {"components.model", "components.backends"} <= seen
+    assert not seen & {"components.evaluate", "components.preprocess"}, sorted(seen)

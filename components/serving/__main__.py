@@ -1,0 +1,80 @@
+"""The KServe predictor: the trained model artifact, run by the winning backend, behind KServe.
+
+    python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
+        [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
+        [--request_logs]
+    python -m components.serving --summary runs/latest/summary.json ...   (a run-local's model + winner)
+
+Requests and answers: components/serving/protocol.py (V1 and V2 REST); any bad request is
+answered 4xx with what was wrong. The server refuses to start (exit 1, one line saying why) on
+an artifact whose files fail their sha256, unexpected weights, or a backend unavailable here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kserve import logging as kserve_logging
+from kserve import model_server
+
+from components.runtime import cpu_count
+from components.serving import server, worker_metrics
+from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, GTSRBModel
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from components.backends import BACKENDS
+
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m components.serving", parents=[model_server.parser],
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default=env("GTSRB_MODEL_DIR", DEFAULT_MODEL_DIR),
+                        help="model artifact directory: model.pt + model_card.json (env GTSRB_MODEL_DIR)")
+    parser.add_argument("--backend", default=env("GTSRB_BACKEND"),
+                        help=f"inference backend, one of {', '.join(BACKENDS)} (env GTSRB_BACKEND)")
+    parser.add_argument("--summary", help="serve the model and winning backend of this run-local summary.json")
+    parser.add_argument("--expected_sha256", default=env("GTSRB_WEIGHTS_SHA256"),
+                        help="refuse an artifact whose weights have another sha256 (env GTSRB_WEIGHTS_SHA256)")
+    parser.add_argument("--max_batch", type=int, default=int(env("GTSRB_MAX_BATCH", DEFAULT_MAX_BATCH)),
+                        help="most instances in one request (env GTSRB_MAX_BATCH)")
+    parser.add_argument("--max_body_bytes", type=int,
+                        default=int(env("GTSRB_MAX_BODY_BYTES", server.DEFAULT_MAX_BODY_BYTES)),
+                        help="largest request body accepted; larger is 413 (env GTSRB_MAX_BODY_BYTES)")
+    parser.add_argument("--request_logs", action="store_true",
+                        help="log every request (uvicorn access log + KServe timing lines); off by default")
+    # workers 0 = one per CPU this container may use; gRPC off: this predictor speaks REST V1/V2.
+    parser.set_defaults(model_name=env("GTSRB_MODEL_NAME", DEFAULT_MODEL_NAME), workers=0, enable_grpc=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summary:
+        from components.local_run import serving_target
+
+        args.model_dir, args.backend = serving_target(args.summary)
+    if not args.backend:
+        print("predictor: --backend (or GTSRB_BACKEND) is required", file=sys.stderr)
+        return 2
+    cpus = cpu_count()
+    workers = args.workers or cpus
+    log_config = None if args.log_config_file else server.logging_config(args.request_logs)
+    if log_config:
+        kserve_logging.configure_logging(log_config)
+    try:
+        settings = server.ServerSettings(args.max_body_bytes, args.request_logs, log_config)
+        model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
+                           threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=settings)
+        worker_metrics.prepare(workers)
+    except Exception as e:  # refuse to start, and say why
+        print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    server.start(model, settings, workers, args.http_port, args.grpc_port, args.enable_grpc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

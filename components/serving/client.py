@@ -1,0 +1,109 @@
+"""Talking to a running predictor over HTTP, and running one locally on a free port of 127.0.0.1
+(the serve step, the tests, `make bench-serve`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from components import cluster
+
+MODEL_NAME = cluster.INFERENCE_SERVICE
+STARTUP_SECONDS = 180          # a local predictor must be ready by then (int8 quantizes at start-up)
+REQUEST_SECONDS = 30
+READY_POLL_SECONDS = 0.5
+READY_PROBE_SECONDS = 5
+STOP_SECONDS = 30              # after SIGTERM, before SIGKILL
+LOG_TAIL_CHARS = 3000          # of a predictor's log, quoted when it fails to start
+
+
+class SmokeTestFailed(RuntimeError):
+    pass
+
+
+def post_json(url: str, body: dict, timeout: float = REQUEST_SECONDS) -> tuple[int, dict]:
+    """POST a JSON body; (status, decoded JSON answer), for 4xx/5xx answers too."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def is_ready(base_url: str, model_name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/v2/models/{model_name}/ready",
+                                    timeout=READY_PROBE_SECONDS) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def image_instances(images: list[bytes]) -> list[dict]:
+    return [{"image": {"b64": base64.b64encode(data).decode()}} for data in images]
+
+
+# --------------------------------------------------------------------------- a local predictor
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def predictor_command(model_dir: str, backend: str, port: int, workers: int = 0) -> list[str]:
+    return [sys.executable, "-m", "components.serving", f"--model_dir={model_dir}", f"--backend={backend}",
+            f"--model_name={MODEL_NAME}", f"--http_port={port}", f"--workers={workers}"]
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_SECONDS)
+
+
+@dataclass
+class LocalPredictor:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    startup_seconds: float
+
+
+@contextmanager
+def local_predictor(model_dir: str, backend: str, workers: int = 0, extra_args: tuple = (),
+                    startup_seconds: float = STARTUP_SECONDS):
+    """Run the predictor (KServe ModelServer) on a free port, wait until the model is ready, yield,
+    and always stop it. Its log goes to a temporary file (quoted when it fails to start)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="predictor-") as tmp:
+        log_path = Path(tmp) / "predictor.log"
+        start = time.monotonic()
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([*predictor_command(model_dir, backend, port, workers), *extra_args],
+                                       stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while not is_ready(url, MODEL_NAME):
+                if process.poll() is not None or time.monotonic() - start > startup_seconds:
+                    state = f"exited with {process.returncode}" if process.returncode is not None else "is not ready"
+                    raise SmokeTestFailed(f"predictor {state} after {time.monotonic() - start:.0f}s; log tail:\n"
+                                          f"{log_path.read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+                time.sleep(READY_POLL_SECONDS)
+            yield LocalPredictor(url, process, log_path, time.monotonic() - start)
+        finally:
+            stop(process)
