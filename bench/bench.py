@@ -200,10 +200,12 @@ def quick_model(sample_dir: Path, work: Path, epochs: int | None, retrain: bool)
         current = (trained["architecture"] == DEFAULT_ARCH and trained["training"]["epochs"] == config.epochs
                    and trained["training"]["recipe"] == config.recipe() and not unloadable(model))
         if current:
-            print(f"bench: reusing {model} ({DEFAULT_ARCH}, {config.epochs} epochs; --retrain to train again)")
+            print(f"bench: reusing {model} ({DEFAULT_ARCH}, {trained['training'].get('epochs_planned')} epochs; "
+                  "--retrain to train again)")
             return model, data
         print(f"bench: {model} is out of date (architecture, epochs or recipe changed); retraining")
-    print(f"bench: training {DEFAULT_ARCH} for {config.epochs} epochs on {sample_dir} into {work}", flush=True)
+    print(f"bench: training {DEFAULT_ARCH} for {config.epochs or 'the recipe’s'} epochs on {sample_dir} into {work}",
+          flush=True)
     ingest_dataset(str(sample_dir), str(work / "raw"))
     preprocess_dataset(str(work / "raw"), str(data))
     train_model(str(data), str(model), config)
