@@ -45,7 +45,7 @@ WARMUP = 0.25   # onecycle: share of training spent warming up from lr/25 to lr
 @dataclass
 class TrainConfig:
     arch: str = DEFAULT_ARCH
-    epochs: int = 7                # ~205 s on 2 Zen-1 cores for full GTSRB (35k training images)
+    epochs: int = 7                # fits time_budget on full GTSRB (timings: docs/measurements.md)
     seed: int = 0
     val_fraction: float = 0.1
     patience: int = 0              # 0 = no early stopping; keep the best epoch anyway
