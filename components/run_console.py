@@ -23,6 +23,7 @@ from pathlib import Path
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TAIL_LINES = 20                 # of a failed task's output, shown on the terminal
 NAME_WIDTH = 24
+TASK_INDENT = "    "           # kfp.local indents a task's own lines by this
 
 
 def plain(text: str) -> str:
@@ -45,7 +46,8 @@ class _Capture:
             self.echo.write(text)
         lines = (self._partial + clean).split("\n")
         self._partial = lines.pop()
-        self.tail.extend(line.rstrip() for line in lines if line.strip(" -"))   # not kfp's separator lines
+        self.tail.extend(line.rstrip().removeprefix(TASK_INDENT) for line in lines
+                         if line.strip(" -"))             # not kfp's separator lines
         return len(text)
 
     def flush(self) -> None:
@@ -108,7 +110,7 @@ class RunConsole:
         return run_task
 
     def _start(self, label: str) -> None:
-        text = f"[{self.started:>2}/{self.total}] {label:<{NAME_WIDTH}}"
+        text = f"[{self.started:>{len(str(self.total))}}/{self.total}] {label:<{NAME_WIDTH}}"
         if self.verbose:                      # the task's log follows: a line of its own
             self.line(f"{text} started")
         else:                                 # completed in place when the task ends
