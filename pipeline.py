@@ -2,11 +2,12 @@
 -> serve the winner (local smoke test, or deploy as a KServe InferenceService on a cluster).
 
     python pipeline.py compile   [--output pipeline.yaml]
-    python pipeline.py run-local [--data-dir DIR] [--epochs N] [--backends a,b] [--output-dir DIR]
+    python pipeline.py run-local [--data-dir DIR] [--epochs N] [--backends a,b] [--output-dir DIR] [--verbose]
     python pipeline.py submit    --host URL ...      (a KFP cluster; used by `make pipeline`)
 
-`run-local` runs the same graph on KFP's embedded local runner (no cluster), then writes
-OUTPUT_DIR/summary.json and prints a table.
+`run-local` runs the same graph on KFP's embedded local runner (no cluster): one line per task,
+then the results table and the winner; OUTPUT_DIR/summary.json, OUTPUT_DIR/pipeline.log (every
+task's full output; `--verbose` streams it too).
 """
 
 import argparse
@@ -40,8 +41,7 @@ DEFAULT_EPOCHS = TrainConfig.epochs    # 0: the recipe's length in images seen (
 EVAL_PARALLELISM = 1
 # Cluster resources of the heavy tasks (train; evaluate, which also runs torch.compile and ONNX
 # Runtime): no CPU limit, since CFS throttling would distort the latencies evaluate measures.
-# kfp.local ignores them. Measured peak RSS of evaluate (compile, int8) on the sample: 1.04-1.07 GB;
-# full GTSRB adds 120 MB of uint8 tensors.
+# kfp.local ignores them. The memory sizes follow evaluate's measured peak (docs/measurements.md).
 TASK_CPU, TASK_MEMORY, TASK_MEMORY_LIMIT = "1", "2Gi", "6Gi"
 
 
@@ -98,10 +98,39 @@ def compile_pipeline(output: str) -> str:
     return output
 
 
+class RunLocalFailed(RuntimeError):
+    pass
+
+
+def _count(artifact, *keys) -> str:
+    """A count from an artifact's metadata (KFP hands numbers back as floats)."""
+    return f"{int(sum(artifact.metadata[k] for k in keys)):,}"
+
+
+# One key figure per task for run-local's progress lines: task name -> f(outputs, arguments).
+KEY_FIGURES = {
+    "ingest": lambda o, a: f"{_count(o['raw'], 'train_images')} train + {_count(o['raw'], 'test_images')} "
+                           "test images verified",
+    "preprocess": lambda o, a: f"{_count(o['data'], 'train_images', 'test_images')} images decoded to 32x32",
+    "train": lambda o, a: f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %",
+    "evaluate": lambda o, a: (f"b1 median {o['metrics'].metadata['batch1_median_ms']:.3f} ms, accuracy "
+                              f"{o['metrics'].metadata['accuracy']:.2f} %"
+                              if o["result"].metadata.get("status") == "ok" else "skipped (unavailable here)"),
+    "select": lambda o, a: f"winner {o['Output']}",
+    "serve": lambda o, a: "answers like the artifact (max probability gap "
+                          f"{json.loads(Path(o['result'].path).read_text())['max_probability_gap']:.1e})",
+}
+FIXED_TASKS = ("ingest", "preprocess", "train", "select", "serve")     # + one evaluate per backend
+
+
 def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, arch: str = DEFAULT_ARCH,
-              seed: int = 0, allow_download: bool = True) -> dict:
-    """Run the pipeline on kfp.local's SubprocessRunner; returns (and writes) summary.json."""
+              seed: int = 0, allow_download: bool = True, verbose: bool = False) -> dict:
+    """Run the pipeline on kfp.local's SubprocessRunner, one line per task on the terminal and the
+    full log in OUTPUT_DIR/pipeline.log (``verbose``: streamed too); returns (and writes)
+    summary.json. A failed task raises RunLocalFailed with its last lines and the log's path."""
     from kfp import local
+
+    from components.run_console import RunConsole, plain
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -117,22 +146,29 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     # CPU/memory requests are for the cluster (TASK_CPU, ...); the local runner ignores them, as expected.
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts),
-               raise_on_error=True)
+    console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
+    console.line(f"run-local: {arch}, {epochs} epochs, {len(backends)} backends, data {data_dir}; "
+                 f"full log {console.log_path}")
     start = time.perf_counter()
-    run = gtsrb_pipeline(data_dir=str(Path(data_dir).expanduser().resolve()), allow_download=allow_download,
-                   arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local")
+    try:
+        with console.capture():
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts),
+                       raise_on_error=True)
+            run = gtsrb_pipeline(data_dir=str(Path(data_dir).expanduser().resolve()), allow_download=allow_download,
+                                 arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local")
+    except RuntimeError as e:                  # kfp.local: a task failed
+        raise RunLocalFailed(f"{plain(str(e))}\n{console.failure_report()}") from None
     wall = time.perf_counter() - start
     summary = json.loads(Path(run.output.path).read_text())
     summary["run"] = {"artifacts": str(local_run.run_folder(run.output.path)), "wall_seconds": round(wall, 1),
-                      "epochs": epochs, "arch": arch, "data_dir": str(data_dir)}
+                      "epochs": epochs, "arch": arch, "data_dir": str(data_dir), "log": str(console.log_path)}
     summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
     (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
     serving = summary["serving"]
     print(f"served: KServe predictor with {serving['backend']} answered like the artifact "
           f"({', '.join(serving['checks'])}; max probability gap {serving['max_probability_gap']:.1e})")
-    print(f"summary: {out / local_run.SUMMARY_FILE}")
+    print(f"summary: {out / local_run.SUMMARY_FILE} ({wall:.0f} s); full log: {console.log_path}")
     return summary
 
 
@@ -215,6 +251,8 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated backend names")
     r.add_argument("--output-dir", default="runs/latest")
+    r.add_argument("--verbose", action="store_true",
+                   help="stream every task's full log (it is always in OUTPUT_DIR/pipeline.log)")
     s = sub.add_parser("submit", help="compile, upload and run on a KFP cluster, wait; non-zero unless it succeeds")
     s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT", "http://127.0.0.1:8888"),
                    help="KFP API (`make pipeline` port-forwards svc/ml-pipeline there)")
@@ -249,9 +287,9 @@ def main(argv=None) -> int:
         shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     try:
         run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
-                  arch=args.arch, seed=args.seed, allow_download=not args.no_download)
-    except RuntimeError as e:   # kfp.local: a task failed; its own error is in the task log above
-        print(f"run-local: {e} (the failing task's error is printed above)", file=sys.stderr)
+                  arch=args.arch, seed=args.seed, allow_download=not args.no_download, verbose=args.verbose)
+    except RunLocalFailed as e:
+        print(f"run-local: {e}", file=sys.stderr)
         return 1
     return 0
 

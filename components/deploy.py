@@ -51,6 +51,9 @@ MODEL_MOUNT = DEFAULT_MODEL_DIR         # where the storage-initializer puts the
 HTTP_PORT = 8080
 EVENTS_SHOWN = 10
 POLL_SECONDS = 5
+# The predictor's readiness probe: first after PROBE_DELAY_SECONDS, then every PROBE_PERIOD_SECONDS;
+# not ready after PROBE_FAILURES answers slower than PROBE_TIMEOUT_SECONDS (or not 200).
+PROBE_DELAY_SECONDS, PROBE_PERIOD_SECONDS, PROBE_TIMEOUT_SECONDS, PROBE_FAILURES = 5, 5, 3, 3
 # KServe gives up on the model (no point waiting for Ready) in these transition states.
 FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 
@@ -106,7 +109,8 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
             limits={"cpu": str(serving.cpu_limit), "memory": serving.memory_limit}),
         readiness_probe=V1Probe(
             http_get=V1HTTPGetAction(path=f"/v2/models/{serving.name}/ready", port=HTTP_PORT),
-            initial_delay_seconds=5, period_seconds=5, timeout_seconds=3, failure_threshold=3),
+            initial_delay_seconds=PROBE_DELAY_SECONDS, period_seconds=PROBE_PERIOD_SECONDS,
+            timeout_seconds=PROBE_TIMEOUT_SECONDS, failure_threshold=PROBE_FAILURES),
     )
     isvc = V1beta1InferenceService(
         api_version=f"{GROUP}/{VERSION}", kind=KIND,

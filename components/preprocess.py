@@ -2,7 +2,7 @@
 
 Output (a directory): ``train.pt`` and ``test.pt``, each a dict of
 ``images`` (uint8 N x 3 x 32 x 32), ``labels`` (int64 N), ``class_counts`` (int64 43) and for
-train ``tracks`` (int64 N, a global id per physical sign: class * 100000 + track), so training
+train ``tracks`` (int64 N, a global id per physical sign: class * TRACK_STRIDE + track), so training
 and every evaluation read two files instead of tens of thousands of images.
 """
 
@@ -25,6 +25,7 @@ from components.model import INPUT_SHAPE, NUM_CLASSES, to_uint8_32
 from components.runtime import atomic_dir
 
 SPLITS = ("train", "test")
+TRACK_STRIDE = 100000           # > any GTSRB track number: class * TRACK_STRIDE + track is unique
 
 
 def split_path(directory: str | Path, split: str) -> Path:
@@ -77,7 +78,7 @@ def preprocess_dataset(raw_dir: str, output_dir: str, workers: int | None = None
             }
             if split == "train":
                 tensors["tracks"] = torch.tensor(
-                    [e["label"] * 100000 + e["track"] for e in entries], dtype=torch.int64)
+                    [e["label"] * TRACK_STRIDE + e["track"] for e in entries], dtype=torch.int64)
             torch.save(tensors, split_path(partial, split))
             seconds = time.perf_counter() - start
             summary[f"{split}_images"] = len(entries)

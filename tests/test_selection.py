@@ -115,3 +115,35 @@ def test_the_report_names_the_winners_failing_signs():
     report = markdown_report(s)
     assert "| 37 Go straight or left | 35 Ahead only | 22 | 30.6 % |" in report
     assert "| 37 | Go straight or left | 72 | 50 | 69.44 |" in report
+
+
+def test_the_results_table_as_text_for_the_console():
+    from components.selection import RUN_COLUMNS, results_table
+
+    lines = results_table(select_winner(RESULTS), RUN_COLUMNS).splitlines()
+    assert lines[0].split() == ["backend", "acc", "%", "agree", "%", "b1", "ms", "b64", "ms", "verdict"]
+    assert lines[3].split()[:5] == ["onnxruntime", "95.00", "100.00", "0.500", "20.000"] and "winner" in lines[3]
+    assert lines[6].split()[:5] == ["onednn-bf16", "-", "-", "-", "-"] and lines[6].endswith("skipped: no bf16 here")
+    assert len({len(line.split("  ")[0]) for line in lines}) >= 1 and len(lines) == 1 + len(RESULTS)
+
+
+def test_the_select_core_writes_summary_report_and_chart(trained_model, tmp_path):
+    import json
+
+    from components.model import read_card
+    from components.selection import write_selection
+
+    paths = []
+    for r in RESULTS:
+        paths.append(tmp_path / f"{r['backend']}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = {name: tmp_path / name for name in ("summary", "report", "chart")}
+    selection = write_selection([str(p) for p in paths], str(trained_model), "minio://b/model", 0.5, 99.0, 1,
+                                str(out["summary"]), str(out["report"]), str(out["chart"]))
+    card = read_card(trained_model)
+    assert json.loads(out["summary"].read_text()) == selection and selection["winner"] == "onnxruntime"
+    assert selection["model"] == {"uri": "minio://b/model", "path": str(trained_model), "architecture": "lp",
+                                  "weights_sha256": card["weights_sha256"], "flops_per_image": card["flops_per_image"],
+                                  "val_accuracy": card["training"]["val_accuracy"]}
+    assert "**Winner: `onnxruntime`**" in out["report"].read_text()
+    assert out["chart"].read_text().startswith('<img alt="latency per backend" src="data:image/png;base64,')

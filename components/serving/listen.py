@@ -3,8 +3,7 @@
 KServe's multi-process REST server binds one socket in the parent and hands that same socket to
 every worker. Each worker's event loop accepts every connection waiting when it wakes, so a burst
 of keep-alive connections (a client's or a proxy's connection pool) often lands on one worker
-while the others idle. Measured here with 2 workers and 8 connections opened at once: all 8 on one
-worker in 2 of 6 tries, 630 instead of 1,050 req/s.
+while the others idle (measured: docs/measurements.md).
 
 With :class:`ReusePortMultiProcess` every worker listens on its own socket, all bound to the port
 with SO_REUSEPORT, and the kernel assigns each new connection to one of them by a hash of its
