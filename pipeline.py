@@ -147,7 +147,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
     console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
-    console.line(f"run-local: {arch}, {f'{epochs} epochs' if epochs else 'epochs from the recipe'}, {len(backends)} backends, data {data_dir}; "
+    length = f"{epochs} epochs" if epochs else "epochs from the recipe"
+    console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
     start = time.perf_counter()
     try:
