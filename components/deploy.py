@@ -2,17 +2,17 @@
 
 - :func:`render_inference_service` (pure): a ``serving.kserve.io/v1beta1`` InferenceService whose
   predictor is the serving image as a custom container (``kserve-container``), with STORAGE_URI =
-  the model artifact in MinIO (KServe's storage-initializer copies it to /mnt/models using the S3
-  secret of the predictor's service account), the winning backend and the expected weights
-  sha256 as env, resource requests/limits (one server worker per CPU of the limit) and a
-  readiness probe on the model's V2 ready endpoint.
+  the model artifact in KFP's object store (SeaweedFS's S3 API in KFP 2.17; KServe's
+  storage-initializer copies it to /mnt/models using the S3 secret of the predictor's service
+  account), the winning backend and the expected weights sha256 as env, resource requests/limits
+  (one server worker per CPU of the limit) and a readiness probe on the model's V2 ready endpoint.
 - :func:`deploy_model`: checks that the storageUri holds the artifact being deployed (or uploads
   a local artifact), creates or replaces the InferenceService (applying twice leaves one), waits
   for Ready with a timeout (failing with the conditions and the predictor's last events), then
   smoke-tests the predict URL against the same artifact in-process.
 
-KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...``; KServe reads ``s3://``
-(components.storage maps one to the other).
+KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...`` (a historical scheme name: the
+store is SeaweedFS's S3 API); KServe reads ``s3://`` (components.storage maps one to the other).
 """
 
 

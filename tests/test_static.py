@@ -237,7 +237,7 @@ def by_name(documents: list[dict]) -> dict[str, dict]:
 
 def test_our_resources_render_offline_and_validate():
     documents = kustomize(ROOT / "manifests/gtsrb")
-    assert set(by_name(documents)) == {"Namespace/kubeflow", "Service/minio-service", "Secret/gtsrb-minio-s3",
+    assert set(by_name(documents)) == {"Service/minio-service", "Secret/gtsrb-minio-s3",
                                        "ServiceAccount/gtsrb-kserve", "Role/gtsrb-deployer",
                                        "RoleBinding/gtsrb-deployer"}
     assert not validate(documents)
@@ -245,8 +245,32 @@ def test_our_resources_render_offline_and_validate():
 
 def test_every_plain_manifest_validates():
     plain = [d for path in ROOT.glob("manifests/*/namespace.yaml") for d in yaml.safe_load_all(path.read_text())]
-    assert {d["metadata"]["name"] for d in plain} == {"kubeflow", "kserve"}
+    assert {d["metadata"]["name"] for d in plain} == {"kserve"}
     assert not validate(plain)
+
+
+# KFP 2.17.0's manifests/kustomize/cluster-scoped-resources/namespace.yaml labels its namespace so.
+KFP_NAMESPACE_LABELS = {"pod-security.kubernetes.io/enforce": "baseline",
+                        "pod-security.kubernetes.io/warn": "restricted"}
+
+
+def namespace_problems(documents: list[dict]) -> list[str]:
+    """A Namespace `kubeflow` of ours, applied client-side after KFP's, would drop the labels it lacks."""
+    return [f"Namespace/kubeflow without KFP's label {k}={v}" for d in documents
+            if d["kind"] == "Namespace" and d["metadata"]["name"] == "kubeflow"
+            for k, v in KFP_NAMESPACE_LABELS.items() if d["metadata"].get("labels", {}).get(k) != v]
+
+
+def test_no_manifest_of_ours_strips_kfps_namespace_labels():
+    ours = [d for path in ROOT.glob("manifests/*/*.yaml") for d in yaml.safe_load_all(path.read_text()) if d]
+    assert not namespace_problems(ours + kustomize(ROOT / "manifests/gtsrb"))
+
+
+def test_the_namespace_check_catches_a_bare_kubeflow_namespace():
+    bare = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}}
+    assert namespace_problems([bare]) == ["Namespace/kubeflow without KFP's label pod-security.kubernetes.io/enforce"
+                                          "=baseline", "Namespace/kubeflow without KFP's label "
+                                          "pod-security.kubernetes.io/warn=restricted"]
 
 
 def test_kfp_arm64_component_drops_the_metadata_writer_and_gives_mlmd_time(tmp_path):
@@ -371,6 +395,11 @@ def kind_config_errors(config: dict) -> list[str]:
                                                             for p in n.get("kubeadmConfigPatches", [])]:
         if not isinstance(yaml.safe_load(patch), dict) or "kind" not in yaml.safe_load(patch):
             errors.append(f"kubeadm patch without a kind: {patch!r}")
+        # kind's own KubeletConfiguration sets imageGCHighThresholdPercent: 100 (GC off; kind v0.32.0,
+        # pkg/cluster/internal/kubeadm/config.go). Below 100 the kubelet may delete `kind load`ed images.
+        elif yaml.safe_load(patch).get("imageGCHighThresholdPercent", 100) < 100:
+            errors.append("a KubeletConfiguration patch turns image garbage collection on: the kubelet may delete "
+                          "the `kind load`ed step images, which no registry has")
     return errors
 
 
@@ -378,6 +407,13 @@ def test_kind_config_matches_kinds_schema():
     config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
     assert not kind_config_errors(config)
     assert [n["role"] for n in config["nodes"]] == ["control-plane"], "one node"
+
+
+def test_kind_config_check_catches_image_garbage_collection():
+    config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
+    config["kubeadmConfigPatches"] = ["kind: KubeletConfiguration\nimageGCHighThresholdPercent: 95\n"
+                                      "imageGCLowThresholdPercent: 90\n"]
+    assert [e for e in kind_config_errors(config) if "garbage collection on" in e]
 
 
 def test_kind_schema_catches_a_typo_a_bad_role_and_an_unpinned_image():
