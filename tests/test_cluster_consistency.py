@@ -134,7 +134,8 @@ def name_problems(objects: dict[str, dict]) -> list[str]:
         problems.append(f"no RoleBinding for {cluster.NAMESPACE}/{cluster.DEPLOYER_SERVICE_ACCOUNT}")
     rules = objects.get("Role/gtsrb-deployer", {}).get("rules", [])
     granted = {(resource, verb) for r in rules for resource in r["resources"] for verb in r["verbs"]}
-    needed = {("inferenceservices", v) for v in ("get", "create", "update")} | {("events", "list")}
+    needed = ({("inferenceservices", v) for v in ("get", "create", "update")} | {("events", "list")}
+              | {("deployments", "get")})                 # components/rollout.py reads the predictor's Deployment
     if not needed <= granted:
         problems.append(f"Role gtsrb-deployer lacks {sorted(needed - granted)}")
     return problems
