@@ -100,6 +100,57 @@ def test_kind_never_gets_a_latest_tag():
     assert f"{image('train').rsplit(':', 1)[0]}:dev" in make("-n", "load", "IMAGE_TAG=latest")
 
 
+# --------------------------------------------------------------------------- backends in the images
+# Debian package that puts each command backends.py may look up on PATH.
+DEBIAN_PACKAGE = {"g++": "g++", "c++": "g++", "gcc": "gcc", "cc": "gcc", "clang++": "clang", "clang": "clang"}
+
+
+def commands_backends_look_up(monkeypatch) -> set[str]:
+    """Every command a backend's availability check asks shutil.which for (answered: not found)."""
+    from components import backends
+
+    asked = set()
+    monkeypatch.setattr(backends.shutil, "which", lambda name, *a, **k: asked.add(name))
+    for backend in backends.BACKENDS.values():
+        backend.unavailable()
+    return asked
+
+
+def final_stage_packages(dockerfile: str) -> set[str]:
+    """Packages `apt-get install`ed in the last stage of a Dockerfile (the image that ships)."""
+    final = re.split(r"^FROM ", dockerfile, flags=re.MULTILINE)[-1].replace("\\\n", " ")
+    return {word for line in re.findall(r"apt-get install ([^&;\n]+)", final)
+            for word in line.split() if not word.startswith("-")}
+
+
+def backend_image_problems(commands: set[str], base: str, steps: dict[str, str]) -> list[str]:
+    installed = final_stage_packages(base)
+    problems = [f"gtsrb-base's final stage lacks {DEBIAN_PACKAGE.get(c, '?')} for `{c}`" for c in sorted(commands)
+                if DEBIAN_PACKAGE.get(c) not in installed]
+    return problems + [f"images/{step} does not start from gtsrb-base" for step, text in steps.items()
+                       if "FROM ${BASE_IMAGE}" not in text]
+
+
+def test_the_images_that_run_backends_provide_what_backends_py_checks_for(monkeypatch):
+    """evaluate races every backend; serve (the smoke step too) and deploy (its in-process reference)
+    run the winner, which may be `compile`: inductor needs a C++ compiler at run time."""
+    commands = commands_backends_look_up(monkeypatch)
+    assert "g++" in commands or "c++" in commands, commands
+    steps = {s: (ROOT / f"images/{s}/Dockerfile").read_text() for s in ("evaluate", "serve", "deploy")}
+    assert backend_image_problems(commands, (ROOT / "images/base/Dockerfile").read_text(), steps) == []
+
+
+def test_the_backend_image_check_catches_a_compiler_left_in_the_builder_stage(monkeypatch):
+    base = (ROOT / "images/base/Dockerfile").read_text()
+    assert "--no-install-recommends g++" in base
+    builder_only = base.replace("--no-install-recommends g++", "--no-install-recommends tzdata").replace(
+        "install -y --no-install-recommends gcc libc6-dev", "install -y --no-install-recommends gcc g++ libc6-dev")
+    commands = commands_backends_look_up(monkeypatch)
+    assert backend_image_problems(commands, builder_only, {"evaluate": "FROM python:3.11-slim\n"}) == [
+        f"gtsrb-base's final stage lacks g++ for `{c}`" for c in sorted(commands)] + [
+        "images/evaluate does not start from gtsrb-base"]
+
+
 # --------------------------------------------------------------------------- names
 def test_makefile_kind_config_and_manifests_use_the_cluster_names():
     assert make_variable("NAMESPACE") == cluster.NAMESPACE
