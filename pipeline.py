@@ -181,7 +181,8 @@ def submit(args, params: dict) -> int:
     """Compile, upload (a new version when the pipeline exists), run, wait; 0 only if the run succeeded."""
     import kfp
 
-    from components.storage import client_from_env
+    from components import mlmd
+    from components.storage import client_from_env, parse_uri
 
     package = compile_pipeline(args.package)
     name = gtsrb_pipeline.name
@@ -219,17 +220,17 @@ def submit(args, params: dict) -> int:
                 print(f"  task {task.display_name} failed: {task.error.message if task.error else '?'} "
                       f"(pod {task.pod_name})", file=sys.stderr)
         return 1
-    if args.summary_out:  # the select task's `summary` artifact: <root>/<pipeline>/<run id>/select/<salt>/summary
-        store = client_from_env(args.s3_endpoint)
-        keys = [o.object_name for o in store.list_objects(cluster.MINIO_BUCKET, prefix=f"v2/artifacts/{name}/{run_id}/",
-                                                          recursive=True)
-                if o.object_name.endswith("/summary") and "/select/" in o.object_name]
-        if not keys:
-            print(f"submit: no select/summary artifact under {cluster.MINIO_BUCKET}/v2/artifacts/{name}/{run_id}/",
-                  file=sys.stderr)
+    if args.summary_out:
+        # The select task's `summary` artifact, wherever this run's MLMD records say it is: a cached
+        # select points at the run that computed it, not at a path under this run's id (components/mlmd.py).
+        try:
+            uri = mlmd.run_output_uri(args.mlmd_endpoint, run_id, task="select", output="summary")
+        except mlmd.OutputNotFound as e:
+            print(f"submit: cannot find the run's summary: {e}", file=sys.stderr)
             return 1
-        summary = json.loads(store.get_object(cluster.MINIO_BUCKET, keys[0]).read())
-        summary["run"] = {"id": run_id, "url": url, "arguments": params}
+        bucket, key = parse_uri(uri)
+        summary = json.loads(client_from_env(args.s3_endpoint).get_object(bucket, key).read())
+        summary["run"] = {"id": run_id, "url": url, "arguments": params, "summary_uri": uri}
         Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary)
@@ -265,9 +266,13 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=int, default=5400, help="seconds to wait for the run to finish")
     s.add_argument("--package", default="pipeline.yaml", help="where to write the compiled IR")
     s.add_argument("--summary-out", help="copy the run's summary.json here from KFP's object store "
-                   "(needs --s3-endpoint and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+                   "(needs --mlmd-endpoint, --s3-endpoint and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     s.add_argument("--s3-endpoint", default=os.environ.get("S3_ENDPOINT", "127.0.0.1:9000"),
-                   help="host:port of KFP's object store (`make pipeline` port-forwards svc/minio-service there)")
+                   help="host:port of KFP's object store, SeaweedFS's S3 API (`make pipeline` port-forwards "
+                   "svc/minio-service there)")
+    s.add_argument("--mlmd-endpoint", default=os.environ.get("MLMD_ENDPOINT", "127.0.0.1:8089"),
+                   help="host:port of KFP's ML Metadata gRPC API, where the summary's URI is found "
+                   "(`make pipeline` port-forwards svc/metadata-grpc-service there)")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(compile_pipeline(args.output))
