@@ -432,8 +432,6 @@ def served_as_artifact(model_dir):
     return lambda url, name: {"name": name, "versions": [weights_version(sha256_file(model_dir / WEIGHTS_FILE))]}
 
 
-@pytest.mark.xfail(strict=True, reason="the predictor does not report its weights yet (components/rollout.py "
-                   "contract; wired after the predictor package split). Remove this mark once it does.")
 def test_the_predictor_reports_its_weights_in_its_model_metadata(trained_model, predictor_url):
     from components import rollout
 
