@@ -442,6 +442,8 @@ def _pt2e_int8(model, example, calibration) -> Predict:
     start = time.perf_counter()
     model = _batchnorm_as_affine(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # An example of batch 1 would specialise the batch dimension to 1 (torch.export's 0/1 rule).
+    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).contiguous()
     exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
     observed = prepare_pt2e(exported, _pt2e_quantizer(model))
     with torch.no_grad():
