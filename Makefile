@@ -48,11 +48,13 @@ bench: ## every inference backend side by side on the default model (no pipeline
 
 # Serving the latest run-local output ($(OUTPUT_DIR)/summary.json: model path + winning backend).
 SERVE_PORT ?= 8090
+SERVE_GRPC_PORT ?= 8091
 BENCH_DURATION ?= 10
 
 .PHONY: serve
-serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on port SERVE_PORT=8090)
-	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT)
+serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
+	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT) \
+		--enable_grpc true --grpc_port $(SERVE_GRPC_PORT)
 
 .PHONY: predict
 predict: ## send one image to `make serve` on 127.0.0.1 and print the answer (IMG=path.ppm)

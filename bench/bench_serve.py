@@ -8,7 +8,10 @@ Servers, all on 127.0.0.1 (all three run; only the one being measured gets reque
 - ``flask``:    a Flask app written and run the way the common ONNX+Flask tutorial ships it
                 (model loaded at import, ``app.run(threaded=True)`` development server);
 - ``gunicorn``: the same Flask app under gunicorn with N sync worker processes.
-The request is the V1 body ``{"instances": [{"image": {"b64": ...}}]}`` with one image. For each
+The request is the V1 body ``{"instances": [{"image": {"b64": ...}}]}`` with one image. The KServe
+server is also measured with the same image as the client's normalized FP32 tensor in a V2 request,
+once as binary tensor (``kserve-v2bin``: 12 KB raw float32 after a JSON header) and once as JSON
+(``kserve-v2json``: 3,072 numbers as text). For each
 server and concurrency level, closed-loop clients (one asyncio process, keep-alive where the server
 allows it) send requests for a fixed total duration, split into interleaved rounds so that
 background load weighs on all three alike. Reported: req/s, p50, p99 and the server's CPU time
@@ -35,7 +38,9 @@ from components.serving.client import MODEL_NAME, free_port, predictor_command, 
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("kserve", "flask", "gunicorn")
+V2_VARIANTS = ("kserve-v2bin", "kserve-v2json")     # the kserve server, other requests
 KSERVE_PATH = f"/v1/models/{MODEL_NAME}:predict"
+KSERVE_V2_PATH = f"/v2/models/{MODEL_NAME}/infer"
 FLASK_PATH = "/predict"
 STARTUP_SECONDS = 120
 
@@ -121,9 +126,29 @@ async def _client(port: int, request: bytes, deadline: float, latencies: list[fl
             writer.close()
 
 
-def http_request(path: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+def http_request(path: str, body: bytes, binary_header_length: int | None = None) -> bytes:
+    """The whole HTTP request; a JSON body, or with ``binary_header_length`` a V2 binary tensor body."""
+    kind = ("Content-Type: application/json\r\n" if binary_header_length is None
+            else f"Inference-Header-Content-Length: {binary_header_length}\r\n")
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{kind}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def v2_fp32_requests(image: bytes, model_dir: str) -> dict[str, bytes]:
+    """The image as the normalized 1x3x32x32 FP32 tensor a client computes: V2 binary and V2 JSON."""
+    import io
+
+    from PIL import Image
+
+    from components.model import CARD_FILE, normalize, to_uint8_32
+
+    norm = json.loads((Path(model_dir) / CARD_FILE).read_text())["normalization"]
+    x = normalize(to_uint8_32(Image.open(io.BytesIO(image))).unsqueeze(0), norm["mean"], norm["std"]).numpy()
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape)}
+    header = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}]})
+    return {"kserve-v2bin": http_request(KSERVE_V2_PATH, header + x.tobytes(), len(header)),
+            "kserve-v2json": http_request(KSERVE_V2_PATH, orjson.dumps({"inputs": [{**tensor,
+                                                                                   "data": x.ravel().tolist()}]}))}
 
 
 def measure(port: int, request: bytes, concurrency: int, duration: float) -> tuple[list[float], float]:
@@ -167,12 +192,12 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / tick
 
 
-def post_once(port: int, path: str, body: bytes) -> dict:
+def post_once(port: int, request: bytes) -> dict:
     """One request on a fresh connection; the decoded JSON answer (raises on non-200)."""
     async def run():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(http_request(path, body))
+            writer.write(request)
             return await _read_response(reader)
         finally:
             writer.close()
@@ -213,27 +238,27 @@ def running(name: str, port: int, model_dir: str, backend: str, workers: int, lo
         stop(process)
 
 
-def wait_ready(process: subprocess.Popen, port: int, path: str, body: bytes, log_path: Path) -> dict:
+def wait_ready(process: subprocess.Popen, port: int, request: bytes, log_path: Path) -> dict:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-2000:]}")
         try:
-            return post_once(port, path, body)
+            return post_once(port, request)
         except (OSError, HTTPClientError, asyncio.IncompleteReadError):
             time.sleep(0.5)
     raise TimeoutError(f"server did not answer within {STARTUP_SECONDS}s; log:\n{log_path.read_text()[-2000:]}")
 
 
-def run_rounds(servers: dict, body: bytes, levels: list[int], duration: float, rounds: int) -> dict:
+def run_rounds(servers: dict, levels: list[int], duration: float, rounds: int) -> dict:
     """Measure every (server, concurrency) for ``duration`` seconds in total, in ``rounds`` interleaved
     slices, so background load that comes and goes during the run weighs on all three alike."""
     slices = {(name, c): ([], 0.0, 0.0) for name in servers for c in levels}
     for _ in range(rounds):
-        for name, (process, port, path) in servers.items():
+        for name, (process, port, request) in servers.items():
             for c in levels:
                 cpu = tree_cpu_seconds(process.pid)
-                latencies, wall = measure(port, http_request(path, body), c, duration / rounds)
+                latencies, wall = measure(port, request, c, duration / rounds)
                 kept, walls, cpus = slices[name, c]
                 slices[name, c] = (kept + latencies, walls + wall, cpus + tree_cpu_seconds(process.pid) - cpu)
     return {name: {c: summarize(*slices[name, c]) for c in levels} for name in servers}
@@ -243,17 +268,20 @@ def ratio_line(results: dict, concurrency: int) -> str:
     def rps(name):
         return results[name][concurrency]["rps"]
 
-    return (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
+    line = (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
             f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x")
+    if "kserve-v2bin" in results:
+        line += f" v2bin_vs_v1={rps('kserve-v2bin') / rps('kserve'):.2f}x"
+    return line
 
 
 def report(results: dict, levels: list[int]) -> list[str]:
     """The table (server CPU ms/request: its processes' CPU time per answered request) + the ratio line."""
-    lines = [f"{'server':<10}{'conc':>5}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}"]
+    lines = [f"{'server':<14}{'conc':>5}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}"]
     for name, result in results.items():
         for c in levels:
             r = result[c]
-            lines.append(f"{name:<10}{c:>5}{r['requests']:>10}{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            lines.append(f"{name:<14}{c:>5}{r['requests']:>10}{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                          f"{r['cpu_ms']:>12.2f}")
     lines.append(ratio_line(results, max(levels)))
     return lines
@@ -305,15 +333,21 @@ def main(argv=None) -> int:
         servers, answers = {}, {}
         for name in SERVERS:                 # all three up (idle ones use no CPU), then measured in turns
             port, log_path = free_port(), args.log_dir / f"{name}.log"
-            path = KSERVE_PATH if name == "kserve" else FLASK_PATH
+            request = http_request(KSERVE_PATH if name == "kserve" else FLASK_PATH, body)
             process = stack.enter_context(running(name, port, model_dir, backend, args.workers, log_path))
-            answers[name] = wait_ready(process, port, path, body, log_path)["predictions"][0]
+            answers[name] = wait_ready(process, port, request, log_path)["predictions"][0]
             print(f"{name}: answered {answers[name]}", flush=True)
-            measure(port, http_request(path, body), max(levels), 1.0)        # warm every worker
-            servers[name] = (process, port, path)
+            measure(port, request, max(levels), 1.0)        # warm every worker
+            servers[name] = (process, port, request)
+            if name == "kserve":
+                for variant, v2_request in v2_fp32_requests(args.image.read_bytes(), model_dir).items():
+                    outputs = {o["name"]: o["data"] for o in post_once(port, v2_request)["outputs"]}
+                    answers[variant] = {"class_id": outputs["class_id"][0], "probability": outputs["probability"][0]}
+                    print(f"{variant}: answered {answers[variant]}", flush=True)
+                    servers[variant] = (process, port, v2_request)
         if len({a["class_id"] for a in answers.values()}) != 1:
             raise SystemExit(f"servers disagree on the image's class: {answers}")
-        results = run_rounds(servers, body, levels, args.duration, args.rounds)
+        results = run_rounds(servers, levels, args.duration, args.rounds)
     print("\n".join(report(results, levels)))
     return 0
 

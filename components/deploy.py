@@ -52,6 +52,9 @@ GROUP, VERSION, PLURAL, KIND = (KSERVE_GROUP, KSERVE_V1BETA1_VERSION, KSERVE_PLU
 CONTAINER_NAME = rollout.CONTAINER_NAME  # KServe reads STORAGE_URI from the container of this name
 MODEL_MOUNT = DEFAULT_MODEL_DIR         # where the storage-initializer puts the storageUri
 HTTP_PORT = 8080
+# KServe (Standard mode) puts the first container port on the Service's port 80 and every further
+# port on its own number; a port named *grpc* or *h2c* gets appProtocol kubernetes.io/h2c.
+GRPC_PORT = 8081
 EVENTS_SHOWN = 10
 POLL_SECONDS = 5
 # The predictor's readiness probe: first after PROBE_DELAY_SECONDS, then every PROBE_PERIOD_SECONDS;
@@ -101,12 +104,13 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
         image=serving.image,
         command=["python", "-m", "components.serving"],
         args=[f"--model_name={serving.name}", f"--model_dir={MODEL_MOUNT}", f"--http_port={HTTP_PORT}",
-              f"--workers={serving.cpu_limit}"],
+              f"--workers={serving.cpu_limit}", "--enable_grpc=true", f"--grpc_port={GRPC_PORT}"],
         env=[V1EnvVar(name="STORAGE_URI", value=storage_uri),
              V1EnvVar(name="GTSRB_BACKEND", value=backend),
              V1EnvVar(name=rollout.WEIGHTS_ENV, value=weights_sha256),
              V1EnvVar(name="GTSRB_MAX_BATCH", value=str(serving.max_batch))],
-        ports=[V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
+        ports=[V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"),
+               V1ContainerPort(name="grpc", container_port=GRPC_PORT, protocol="TCP")],
         resources=V1ResourceRequirements(
             requests={"cpu": serving.cpu_request, "memory": serving.memory_request},
             limits={"cpu": str(serving.cpu_limit), "memory": serving.memory_limit}),

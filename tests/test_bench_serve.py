@@ -7,7 +7,7 @@ import pytest
 
 from bench import bench_serve
 
-LAST_LINE = re.compile(r"^kserve_vs_flask=\d+\.\d\dx kserve_vs_gunicorn=\d+\.\d\dx$")
+LAST_LINE = re.compile(r"^kserve_vs_flask=\d+\.\d\dx kserve_vs_gunicorn=\d+\.\d\dx v2bin_vs_v1=\d+\.\d\dx$")
 
 
 def parse(raw: bytes):
@@ -42,11 +42,11 @@ def test_report_ends_with_the_ratio_line():
         return bench_serve.summarize([0.001] * 49 + [0.002], 50 / rps, 0.1)
 
     results = {"kserve": {1: level(100), 8: level(300)}, "flask": {1: level(90), 8: level(120)},
-               "gunicorn": {1: level(95), 8: level(250)}}
+               "gunicorn": {1: level(95), 8: level(250)}, "kserve-v2bin": {1: level(150), 8: level(600)}}
     lines = bench_serve.report(results, [1, 8])
-    assert len(lines) == 1 + 6 + 1                    # header, a row per server and level, the ratios
+    assert len(lines) == 1 + 8 + 1                    # header, a row per server and level, the ratios
     assert lines[1].split() == ["kserve", "1", "50", "100.0", "1.00", "2.00", "2.00"]   # 0.1 CPU-s / 50
-    assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x"
+    assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x v2bin_vs_v1=2.00x"
 
 
 @pytest.mark.slow
@@ -57,11 +57,11 @@ def test_a_short_run_measures_all_three_servers(trained_model, sample_dir, tmp_p
                              "--log-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert LAST_LINE.match(out[-1]), out[-1]
-    rows = [line.split() for line in out if line.split()[:1] in (["kserve"], ["flask"], ["gunicorn"])
-            and len(line.split()) == 7]
-    assert sorted((r[0], int(r[1])) for r in rows) == [(s, c) for s in ("flask", "gunicorn", "kserve") for c in (1, 4)]
+    names = ("flask", "gunicorn", "kserve", "kserve-v2bin", "kserve-v2json")
+    rows = [line.split() for line in out if line.split()[:1] in ([n] for n in names) and len(line.split()) == 7]
+    assert sorted((r[0], int(r[1])) for r in rows) == [(s, c) for s in names for c in (1, 4)]
     for _, _, requests, rps, p50, p99, cpu_ms in rows:
         assert int(requests) > 0 and float(rps) > 0 and 0 < float(p50) <= float(p99) and float(cpu_ms) > 0
     answers = [line for line in out if ": answered " in line]
-    assert len(answers) == 3 and len({a.split("'class_id': ")[1].split(",")[0] for a in answers}) == 1
+    assert len(answers) == 5 and len({a.split("'class_id': ")[1].split(",")[0] for a in answers}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flask.log", "gunicorn.log", "kserve.log"]

@@ -77,7 +77,9 @@ def test_rendered_inference_service():
     assert "--model_dir=/mnt/models" in container["args"] and "--workers=2" in container["args"]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"},
                                       "limits": {"cpu": "2", "memory": "3Gi"}}
-    assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
+    assert "--enable_grpc=true" in container["args"] and "--grpc_port=8081" in container["args"]
     probe = container["readinessProbe"]["httpGet"]
     assert probe == {"path": f"/v2/models/{cluster.INFERENCE_SERVICE}/ready", "port": 8080}
 

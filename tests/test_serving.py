@@ -381,3 +381,47 @@ def test_no_serving_module_reaches_evaluate_or_preprocess():
         pending += _project_imports(source(module))
     assert {"components.model", "components.backends"} <= seen
     assert not seen & {"components.evaluate", "components.preprocess"}, sorted(seen)
+
+
+# --------------------------------------------------------------------------- binary tensors, gRPC
+def test_binary_and_grpc_requests_answer_like_json(model):
+    """The same images and tensor as JSON, as REST binary tensors (raw image bytes, base64 text) and
+    as a gRPC request (raw contents, typed parameters): the same answers."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    from components.serving import binary
+
+    png, ppm = encode(sign_image(4, random.Random(4)), "PNG"), encode(sign_image(7, random.Random(7)), "PPM")
+    as_json = InferRequest("gtsrb", [InferInput("image", [2], "BYTES", [b64(png), b64(ppm)])], parameters={"top_k": 3})
+    want = model.predict(model.preprocess(as_json)).to_rest()[0]["outputs"]
+    for elements in ([png, ppm], [b64(png).encode(), ppm]):
+        raw = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "parameters": {"top_k": 3}}).encode()
+        request = binary.parse_request(header + raw, str(len(header)), "gtsrb")
+        assert model.predict(model.preprocess(request)).to_rest()[0]["outputs"] == want
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[2])
+        grpc_request = pb.ModelInferRequest(model_name="gtsrb", inputs=[tensor], raw_input_contents=[raw],
+                                            parameters={"top_k": pb.InferParameter(int64_param=3)})
+        response = model.predict(model.preprocess(InferRequest.from_grpc(grpc_request)))
+        assert {o.name: o.data for o in response.outputs} == {o["name"]: o["data"] for o in want}
+
+    x = model.preprocess(v1(image_instance(png))).x
+    as_json = InferRequest("gtsrb", [InferInput("input", [1, 3, 32, 32], "FP32", x.flatten().tolist())])
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                     "parameters": {"binary_data_size": 4 * 3072}}]}).encode()
+    request = binary.parse_request(header + x.numpy().tobytes(), str(len(header)), "gtsrb")
+    assert (model.predict(model.preprocess(request)).to_rest()[0]
+            == model.predict(model.preprocess(as_json)).to_rest()[0])
+
+
+def test_grpc_parameter_values_kserve_cannot_read_are_refused(model):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[GOOD.encode()]))
+    grpc_request = pb.ModelInferRequest(model_name="gtsrb", inputs=[tensor],
+                                        parameters={"top_k": pb.InferParameter()})   # a double/uint64 arrives empty
+    with pytest.raises(InvalidInput, match="parameters.top_k: a value of a type this server does not read"):
+        model.preprocess(InferRequest.from_grpc(grpc_request))

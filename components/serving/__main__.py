@@ -2,12 +2,13 @@
 
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
-        [--request_logs]
+        [--request_logs] [--enable_grpc true --grpc_port 8081]
     python -m components.serving --summary runs/latest/summary.json ...   (a run-local's model + winner)
 
-Requests and answers: components/serving/protocol.py (V1 and V2 REST); any bad request is
-answered 4xx with what was wrong. The server refuses to start (exit 1, one line saying why) on
-an artifact whose files fail their sha256, unexpected weights, or a backend unavailable here.
+Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
+answered 4xx (gRPC: INVALID_ARGUMENT) with what was wrong; docs/serving-protocols.md says which
+to use when. The server refuses to start (exit 1, one line saying why) on an artifact whose files
+fail their sha256, unexpected weights, or a backend unavailable here.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body accepted; larger is 413 (env GTSRB_MAX_BODY_BYTES)")
     parser.add_argument("--request_logs", action="store_true",
                         help="log every request (uvicorn access log + KServe timing lines); off by default")
-    # workers 0 = one per CPU this container may use; gRPC off: this predictor speaks REST V1/V2.
+    # workers 0 = one per CPU this container may use; gRPC (V2) only with --enable_grpc true (it runs
+    # in the parent process; `make serve` and the InferenceService enable it).
     parser.set_defaults(model_name=env("GTSRB_MODEL_NAME", DEFAULT_MODEL_NAME), workers=0, enable_grpc=False)
     return parser
 

@@ -82,15 +82,28 @@ class LocalPredictor:
     process: subprocess.Popen
     log: Path
     startup_seconds: float
+    grpc_target: str | None = None      # host:port of the gRPC server, when enabled
+
+
+def is_listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=READY_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
 
 
 @contextmanager
 def local_predictor(model_dir: str, backend: str, workers: int = 0, extra_args: tuple = (),
-                    startup_seconds: float = STARTUP_SECONDS):
-    """Run the predictor (KServe ModelServer) on a free port, wait until the model is ready, yield,
-    and always stop it. Its log goes to a temporary file (quoted when it fails to start)."""
+                    startup_seconds: float = STARTUP_SECONDS, grpc: bool = False):
+    """Run the predictor (KServe ModelServer) on a free port (and its gRPC server on another, if
+    ``grpc``), wait until the model is ready, yield, and always stop it. Its log goes to a
+    temporary file (quoted when it fails to start)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    grpc_port = free_port() if grpc else None
+    if grpc:
+        extra_args = (*extra_args, "--enable_grpc=true", f"--grpc_port={grpc_port}")
     with tempfile.TemporaryDirectory(prefix="predictor-") as tmp:
         log_path = Path(tmp) / "predictor.log"
         start = time.monotonic()
@@ -98,12 +111,13 @@ def local_predictor(model_dir: str, backend: str, workers: int = 0, extra_args: 
             process = subprocess.Popen([*predictor_command(model_dir, backend, port, workers), *extra_args],
                                        stdout=log, stderr=subprocess.STDOUT)
         try:
-            while not is_ready(url, MODEL_NAME):
+            while not (is_ready(url, MODEL_NAME) and (not grpc or is_listening("127.0.0.1", grpc_port))):
                 if process.poll() is not None or time.monotonic() - start > startup_seconds:
                     state = f"exited with {process.returncode}" if process.returncode is not None else "is not ready"
                     raise SmokeTestFailed(f"predictor {state} after {time.monotonic() - start:.0f}s; log tail:\n"
                                           f"{log_path.read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
                 time.sleep(READY_POLL_SECONDS)
-            yield LocalPredictor(url, process, log_path, time.monotonic() - start)
+            yield LocalPredictor(url, process, log_path, time.monotonic() - start,
+                                 f"127.0.0.1:{grpc_port}" if grpc else None)
         finally:
             stop(process)

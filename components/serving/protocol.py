@@ -3,9 +3,11 @@
 Requests (the same transforms as training: decode, RGB, bilinear resize to 32x32, normalize):
 - V1 ``POST /v1/models/<name>:predict``: ``{"instances": [I, ...], "parameters": {"top_k": k}}``
   where ``I`` is ``{"image": {"b64": "<base64 PNG/JPEG/PPM>"}}`` or a normalized 3x32x32 number array.
-- V2 ``POST /v2/models/<name>/infer``: one input, either ``image`` (BYTES, shape [N], base64
-  strings) or ``input`` (FP32, shape [N, 3, 32, 32]); ``parameters: {"top_k": k}``.
-Any bad request raises ``kserve.errors.InvalidInput`` (answered 400) saying what was wrong.
+- V2 (Open Inference Protocol) ``POST /v2/models/<name>/infer`` or gRPC ``ModelInfer``: one input,
+  either ``image`` (BYTES, shape [N]: each element an encoded image's own bytes, or their base64
+  text; JSON strings are base64) or ``input`` (FP32, shape [N, 3, 32, 32]); as JSON data, gRPC
+  contents or raw bytes (components/serving/binary.py); ``parameters: {"top_k": k}``.
+Any bad request raises ``kserve.errors.InvalidInput`` (answered 400 / INVALID_ARGUMENT) saying what was wrong.
 Answers: class id, class name and probability per instance (and the top k when asked).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +25,17 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from PIL import Image
 
+from components.serving import binary
+
 MAX_IMAGE_PIXELS = 4096 * 4096             # decoded size limit (decompression bombs)
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 V1_KEYS = {"instances", "parameters"}
 V2_INPUTS = {"image": "BYTES", "input": "FP32"}
 V2_OUTPUTS = ("class_id", "class_name", "probability", "top_k_class_id", "top_k_probability")
 V2_PARAMETERS = ("top_k", "binary_data_output")   # the latter: KServe's binary tensor extension, for outputs
+V2_OUTPUT_PARAMETERS = ("binary_data",)
+# An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
+IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ def _fail(where: str, message: str):
 
 
 def decode_base64(value, where: str) -> bytes:
-    if not isinstance(value, str):
+    if not isinstance(value, (str, bytes)):
         _fail(where, f"expected a base64 string, got {type(value).__name__}")
     try:
         data = base64.b64decode(value, validate=True)
@@ -129,10 +137,22 @@ def _check_count(n: int, where: str, sig: Signature) -> None:
 
 
 def _image(value, where: str, sig: Signature):
-    """A base64 image -> normalized float 3x32x32."""
+    """A base64 image (or, as bytes, an encoded image itself) -> normalized float 3x32x32."""
     from components.model import normalize
 
-    return normalize(decode_image(decode_base64(value, where), where).unsqueeze(0), sig.mean, sig.std)[0]
+    data = value if isinstance(value, bytes) and IMAGE_SIGNATURE.match(value) else decode_base64(value, where)
+    return normalize(decode_image(data, where).unsqueeze(0), sig.mean, sig.std)[0]
+
+
+def grpc_parameters(parameters) -> dict:
+    """gRPC parameters (a map of InferParameter) -> the plain dict REST sends."""
+    plain = {}
+    for key, value in parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is None:
+            _fail(f"parameters.{key}", "a value of a type this server does not read; send bool, int64 or string")
+        plain[key] = getattr(value, kind)
+    return plain
 
 
 # --------------------------------------------------------------------------- requests
@@ -202,21 +222,31 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
                      f"or 'input' (FP32, shape [N, {', '.join(map(str, sig.input_shape))}])")
     if item.datatype != expected:
         _fail(where, f"datatype {item.datatype} is not {expected}")
-    top_k = parse_parameters(request.parameters, len(sig.class_names), V2_PARAMETERS)
+    parameters = grpc_parameters(request.parameters) if request.from_grpc else request.parameters
+    top_k = parse_parameters(parameters, len(sig.class_names), V2_PARAMETERS)
     for output in request.request_outputs or []:
         if output.name not in V2_OUTPUTS:
             _fail(f"output '{output.name}'", f"unknown output; known: {', '.join(V2_OUTPUTS)}")
         if output.name.startswith("top_k_") and not top_k:
             _fail(f"output '{output.name}'", "needs parameters.top_k")
-    shape, data = list(item.shape), item.data
+        _check_output_parameters(output)
+    shape, data, raw = list(item.shape), item.data, binary.raw_bytes(item)
     if item.name == "input":
         if len(shape) != 4 or tuple(shape[1:]) != sig.input_shape:
             _fail(where, f"shape {shape} is not [N, {', '.join(map(str, sig.input_shape))}]")
         _check_count(shape[0], where, sig)
-        array = as_numbers(data, where)
-        if array.size != int(np.prod(shape)):
+        count = int(np.prod(shape))
+        if raw is None:
+            array = as_numbers(data, where)
+        else:
+            array = binary.fp32(raw, count, where)
+            if not np.isfinite(array).all():
+                _fail(where, "contains NaN or infinity")
+        if array.size != count:
             _fail(where, f"{array.size} values do not fill shape {shape}")
         return Batch(torch.from_numpy(array.reshape(shape)), top_k, request)
+    if raw is not None:
+        data = binary.bytes_elements(raw, where)
     if len(shape) != 1 or shape[0] != len(data):
         _fail(where, f"shape {shape} does not match its {len(data)} data elements (expected [N])")
     _check_count(len(data), where, sig)
@@ -224,6 +254,15 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     for i, value in enumerate(data):
         x[i] = _image(value, f"{where} data[{i}]", sig)
     return Batch(x, top_k, request)
+
+
+def _check_output_parameters(output) -> None:
+    parameters = output.parameters or {}        # a dict for gRPC too (KServe converts them)
+    unknown = set(parameters) - set(V2_OUTPUT_PARAMETERS)
+    if unknown:
+        _fail(f"output '{output.name}'", f"unknown parameter(s) {sorted(unknown)}; known: {list(V2_OUTPUT_PARAMETERS)}")
+    if not isinstance(parameters.get("binary_data", False), bool):
+        _fail(f"output '{output.name}'.parameters.binary_data", "expected true or false")
 
 
 # --------------------------------------------------------------------------- answers

@@ -1,21 +1,26 @@
 """The server process around the model: KServe's FastAPI app set up once per process (request
 guard, one ``/metrics`` for all workers, no per-request timing unless asked for), the logging
-configuration, and starting ``kserve.ModelServer`` with one SO_REUSEPORT socket per worker.
+configuration, and starting ``kserve.ModelServer`` with one SO_REUSEPORT socket per worker (and,
+when enabled, KServe's gRPC server in the parent process).
 
-A body larger than the limit is answered 413 before KServe reads it; the V2 binary tensor
-extension (whose header KServe parses unchecked) is refused with 415.
+A body larger than the limit is answered 413 before KServe reads it (gRPC: RESOURCE_EXHAUSTED
+past the same limit). A body without a Content-Type is JSON; a V2 body with the binary tensor
+extension's header reaches KServe as bytes and is read by :mod:`components.serving.binary`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import orjson
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
+from kserve.errors import InvalidInput
+from kserve.protocol.dataplane import DataPlane
 
-from components.serving import listen, worker_metrics
+from components.serving import binary, listen, worker_metrics
 from components.serving.metadata import report_weights_in_metadata
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -23,9 +28,10 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 class RequestGuard:
     """ASGI middleware: a body larger than ``max_body_bytes`` is answered 413 before KServe reads
-    it, and the V2 binary tensor extension is refused."""
+    it; a body without a Content-Type is JSON; a V2 /infer body with the binary tensor extension's
+    header is handed on as bytes (FastAPI would parse an application/json one as JSON and fail)."""
 
-    BINARY_HEADER = b"inference-header-content-length"
+    BINARY_HEADER = binary.HEADER.encode()
 
     def __init__(self, app, max_body_bytes: int):
         self.app = app
@@ -35,8 +41,16 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if b"content-encoding" in headers and headers[b"content-encoding"].strip().lower() != b"identity":
+            return await _error(send, 415, f"Content-Encoding {headers[b'content-encoding'].decode(errors='replace')} "
+                                           "is not supported; send the body uncompressed")
         if self.BINARY_HEADER in headers:
-            return await _error(send, 415, "the V2 binary tensor extension is not supported; send JSON tensors")
+            if not scope["path"].endswith("/infer"):
+                return await _error(send, 400, "the binary tensor extension (Inference-Header-Content-Length) "
+                                               "is for V2 /infer requests only")
+            scope = _with_content_type(scope, b"application/octet-stream")
+        elif b"content-type" not in headers:
+            scope = _with_content_type(scope, b"application/json")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
             return await _error(send, 413, f"request body of {declared.decode(errors='replace')} bytes exceeds "
@@ -57,6 +71,41 @@ class RequestGuard:
             return replay.pop() if replay else await receive()
 
         return await self.app(scope, replay_receive, send)
+
+
+def _with_content_type(scope: dict, content_type: bytes) -> dict:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", content_type)]}
+
+
+class OpenInferenceDataPlane(DataPlane):
+    """KServe's data plane, reading a V2 REST body that is not JSON alone with the checked reader
+    of components.serving.binary (KServe's own slices it unchecked and turns raw BYTES into text)."""
+
+    def decode_inference_request(self, body, headers, model_name):
+        if isinstance(body, bytes):
+            return binary.parse_request(body, headers.get(binary.HEADER), model_name)
+        return super().decode_inference_request(body, headers, model_name)
+
+
+class GrpcLogFilter(logging.Filter):
+    """KServe's gRPC server logs a line for every call and a traceback at ERROR for every bad
+    request; here a bad request is one WARNING line, and the per-call line goes with the request
+    logs, as over REST."""
+
+    def __init__(self, request_logs: bool):
+        super().__init__()
+        self.request_logs = request_logs
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("grpc method: "):
+            return self.request_logs
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, InvalidInput) and "grpc_method" in str(record.msg):
+            record.msg, record.args = "gRPC %s: INVALID_ARGUMENT: %s", (record.args[-1], error.reason)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 async def _error(send, status: int, message: str) -> None:
@@ -123,5 +172,11 @@ def start(model, settings: ServerSettings, workers: int, http_port: int, grpc_po
     if workers > 1:
         from components import backends
         backends.share_exports()
-    ModelServer(http_port=http_port, grpc_port=grpc_port, workers=workers, enable_grpc=enable_grpc,
-                enable_latency_logging=settings.request_logs).start([model])
+    if enable_grpc:
+        # KServe's gRPC server takes its message limit from its parsed arguments: the REST body limit.
+        model_server.args.grpc_max_receive_message_length = settings.max_body_bytes
+        kserve_logging.logger.addFilter(GrpcLogFilter(settings.request_logs))
+    server = ModelServer(http_port=http_port, grpc_port=grpc_port, workers=workers, enable_grpc=enable_grpc,
+                         enable_latency_logging=settings.request_logs)
+    server.dataplane = OpenInferenceDataPlane(server.registered_models)   # REST and gRPC servers get it at start
+    server.start([model])
