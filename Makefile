@@ -12,6 +12,9 @@ DATA_DIR ?= data
 EPOCHS ?=
 BACKENDS ?=
 OUTPUT_DIR ?= runs/latest
+CHAMPION_DIR ?= runs/champion
+MAX_REGRESSION ?=
+FORCE_DEPLOY ?=
 SAMPLE_DIR ?= ../shared/gtsrb-sample
 
 .PHONY: help
@@ -29,9 +32,10 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 	bash .github/scripts/install-tools.sh static
 
 .PHONY: local
-local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b)
-	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS))
+local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b, FORCE_DEPLOY=1)
+	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
+		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(if $(FORCE_DEPLOY),--force-deploy)
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)
@@ -163,6 +167,8 @@ pipeline: cluster images load kfp kserve ## all of the above, then compile, uplo
 		--mlmd-endpoint 127.0.0.1:$(MLMD_PORT) --timeout $(RUN_TIMEOUT) \
 		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
 		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) --arg deploy_target=kserve $(PIPELINE_ARGS)
+	@echo "serving now: InferenceService $(NAMESPACE)/$(INFERENCE_SERVICE), weights sha256 $$($(KUBECTL) -n $(NAMESPACE) \
+		get inferenceservice $(INFERENCE_SERVICE) -o jsonpath='{.metadata.annotations.gtsrb/weights-sha256}')"
 
 ui: ## port-forward the KFP UI to http://localhost:8080 (KFP_UI_PORT; Ctrl-C stops it)
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline-ui $(KFP_UI_PORT):80

@@ -1,13 +1,16 @@
 """The GTSRB pipeline: ingest -> preprocess -> train -> evaluate (one task per backend) -> select
--> serve the winner (local smoke test, or deploy as a KServe InferenceService on a cluster).
+-> gate (is the winner at least as accurate as the served champion?) -> on promote, serve the
+winner (local smoke test, or deploy as a KServe InferenceService on a cluster).
 
     python pipeline.py compile   [--output pipeline.yaml]
     python pipeline.py run-local [--data-dir DIR] [--epochs N] [--backends a,b] [--output-dir DIR] [--verbose]
+                                 [--champion-dir runs/champion] [--max-regression P] [--force-deploy]
     python pipeline.py submit    --host URL ...      (a KFP cluster; used by `make pipeline`)
 
 `run-local` runs the same graph on KFP's embedded local runner (no cluster): one line per task,
-then the results table and the winner; OUTPUT_DIR/summary.json, OUTPUT_DIR/pipeline.log (every
-task's full output; `--verbose` streams it too).
+then the results table, the winner and the gate's decision; OUTPUT_DIR/summary.json,
+OUTPUT_DIR/pipeline.log (every task's full output; `--verbose` streams it too). On promote the
+winner becomes the champion in --champion-dir.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from components import cluster, local_run
 from components.backends import BACKENDS
 from components.deploy import deploy
 from components.evaluate import evaluate
+from components.gate import PROMOTE, gate, identity, install_local_champion, summary_line
 from components.images import image
 from components.ingest import ingest
 from components.model import DEFAULT_ARCH
@@ -57,14 +61,27 @@ DEPLOY_TASK_EXTRA_SECONDS = 300
 DEPLOY_CPU, DEPLOY_CPU_LIMIT, DEPLOY_MEMORY, DEPLOY_MEMORY_LIMIT = "500m", "2", "1Gi", "2Gi"
 
 
+def with_s3_secret(task):
+    """The object store's credentials from the S3 secret, as KServe's storage-initializer gets them."""
+    return kubernetes.use_secret_as_env(task, secret_name=cluster.S3_SECRET,
+                                        secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                           "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+
+
+DEFAULT_CHAMPION_DIR = "runs/champion"    # run-local's champion (the cluster's is the live InferenceService)
+
+
 @dsl.pipeline(name="gtsrb-backends", description="Train a GTSRB traffic-sign CNN, benchmark PyTorch "
               "CPU backends, select the fastest accurate one.")
 def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: str = DEFAULT_ARCH,
                    epochs: int = DEFAULT_EPOCHS, seed: int = 0, backends: list = DEFAULT_BACKENDS,
                    accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
-                   serving_batch: int = 1, deploy_target: str = "local") -> dsl.Artifact:
+                   serving_batch: int = 1, deploy_target: str = "local", max_regression: float = 0.0,
+                   force_deploy: bool = False, champion_dir: str = DEFAULT_CHAMPION_DIR) -> dsl.Artifact:
     """deploy_target "local": serve the winner with the KServe predictor inside the last task and
-    smoke-test it; "kserve": deploy it as the cluster's InferenceService (components/deploy.py)."""
+    smoke-test it; "kserve": deploy it as the cluster's InferenceService (components/deploy.py).
+    Either only when the gate promotes it (components/gate.py): its champion is the record in
+    champion_dir ("local") or on the live InferenceService ("kserve")."""
     raw = ingest(data_dir=data_dir, allow_download=allow_download)
     data = preprocess(raw=raw.outputs["raw"])
     trained = train(data=data.outputs["data"], arch=arch, epochs=epochs, seed=seed)
@@ -76,21 +93,28 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)
     winner = chosen.outputs["Output"]          # select's return value: the winning backend's name
-    with dsl.If(deploy_target == "local"):
-        serve(model=trained.outputs["model"], backend=winner)
-    with dsl.Else():                            # "kserve"; the step rejects any other value
-        deployed = deploy(model=trained.outputs["model"], backend=winner,
-                          deploy_target=deploy_target, serving_image=image("serve"),
-                          namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
-                          timeout_seconds=DEPLOY_READY_SECONDS)
-        deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit
-        deployed.set_cpu_request(DEPLOY_CPU).set_cpu_limit(DEPLOY_CPU_LIMIT)
-        deployed.set_memory_request(DEPLOY_MEMORY).set_memory_limit(DEPLOY_MEMORY_LIMIT)
-        kubernetes.use_secret_as_env(deployed, secret_name=cluster.S3_SECRET,
-                                     secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                                                        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-        kubernetes.set_timeout(deployed, DEPLOY_READY_SECONDS + DEPLOY_TASK_EXTRA_SECONDS)
-    return chosen.outputs["summary"]
+    gated = gate(selection=chosen.outputs["summary"], model=trained.outputs["model"], data=data.outputs["data"],
+                 deploy_target=deploy_target, champion_dir=champion_dir, namespace=cluster.NAMESPACE,
+                 name=cluster.INFERENCE_SERVICE, max_regression=max_regression, force_deploy=force_deploy,
+                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    gated.set_caching_options(False)           # the champion it reads changes between runs
+    with_s3_secret(gated)                      # "kserve": downloads the champion's model artifact
+    # The decision is the gate's single return value: kfp.local 2.17 resolves a condition on a task's
+    # "Output" but takes a named output (`gate-decision`) for a pipeline input and skips the branch.
+    with dsl.If(gated.outputs["Output"] == PROMOTE):
+        with dsl.If(deploy_target == "local"):
+            serve(model=trained.outputs["model"], backend=winner)
+        with dsl.Else():                        # "kserve"; the step rejects any other value
+            deployed = deploy(model=trained.outputs["model"], verdict=gated.outputs["summary"], backend=winner,
+                              deploy_target=deploy_target, serving_image=image("serve"),
+                              namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
+                              timeout_seconds=DEPLOY_READY_SECONDS, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit
+            deployed.set_cpu_request(DEPLOY_CPU).set_cpu_limit(DEPLOY_CPU_LIMIT)
+            deployed.set_memory_request(DEPLOY_MEMORY).set_memory_limit(DEPLOY_MEMORY_LIMIT)
+            with_s3_secret(deployed)
+            kubernetes.set_timeout(deployed, DEPLOY_READY_SECONDS + DEPLOY_TASK_EXTRA_SECONDS)
+    return gated.outputs["summary"]
 
 
 def compile_pipeline(output: str) -> str:
@@ -117,17 +141,22 @@ KEY_FIGURES = {
                               f"{o['metrics'].metadata['accuracy']:.2f} %"
                               if o["result"].metadata.get("status") == "ok" else "skipped (unavailable here)"),
     "select": lambda o, a: f"winner {o['Output']}",
+    "gate": lambda o, a: o["Output"],
     "serve": lambda o, a: "answers like the artifact (max probability gap "
                           f"{json.loads(Path(o['result'].path).read_text())['max_probability_gap']:.1e})",
 }
-FIXED_TASKS = ("ingest", "preprocess", "train", "select", "serve")     # + one evaluate per backend
+FIXED_TASKS = ("ingest", "preprocess", "train", "select", "gate", "serve")   # + one evaluate per backend
 
 
 def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, arch: str = DEFAULT_ARCH,
-              seed: int = 0, allow_download: bool = True, verbose: bool = False) -> dict:
+              seed: int = 0, allow_download: bool = True, verbose: bool = False,
+              champion_dir: str = DEFAULT_CHAMPION_DIR, max_regression: float = 0.0,
+              force_deploy: bool = False) -> dict:
     """Run the pipeline on kfp.local's SubprocessRunner, one line per task on the terminal and the
     full log in OUTPUT_DIR/pipeline.log (``verbose``: streamed too); returns (and writes)
-    summary.json. A failed task raises RunLocalFailed with its last lines and the log's path."""
+    summary.json. A failed task raises RunLocalFailed with its last lines and the log's path.
+    When the gate promotes the winner (and its smoke test passed), it becomes the champion in
+    ``champion_dir``."""
     from kfp import local
 
     from components.run_console import RunConsole, plain
@@ -150,27 +179,45 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     length = f"{epochs} epochs" if epochs else "epochs from the recipe"
     console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
+    champion = Path(champion_dir).expanduser().resolve()
     start = time.perf_counter()
     try:
         with console.capture():
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts),
                        raise_on_error=True)
             run = gtsrb_pipeline(data_dir=str(Path(data_dir).expanduser().resolve()), allow_download=allow_download,
-                                 arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local")
+                                 arch=arch, epochs=epochs, seed=seed, backends=backends, deploy_target="local",
+                                 max_regression=max_regression, force_deploy=force_deploy,
+                                 champion_dir=str(champion))
     except RuntimeError as e:                  # kfp.local: a task failed
         raise RunLocalFailed(f"{plain(str(e))}\n{console.failure_report()}") from None
     wall = time.perf_counter() - start
     summary = json.loads(Path(run.output.path).read_text())
-    summary["run"] = {"artifacts": str(local_run.run_folder(run.output.path)), "wall_seconds": round(wall, 1),
-                      "epochs": epochs, "arch": arch, "data_dir": str(data_dir), "log": str(console.log_path)}
-    summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
+    folder = local_run.run_folder(run.output.path)
+    summary["run"] = {"artifacts": str(folder), "wall_seconds": round(wall, 1), "epochs": epochs, "arch": arch,
+                      "data_dir": str(data_dir), "log": str(console.log_path), "champion_dir": str(champion)}
+    promoted = summary["gate"]["decision"] == PROMOTE
+    if promoted:
+        summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
+        challenger = summary["gate"]["challenger"]
+        record = install_local_champion(champion, summary["model"]["path"], local_champion_record(challenger, folder))
+        summary["run"]["champion_record"] = str(record)
     (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
-    serving = summary["serving"]
-    print(f"served: KServe predictor with {serving['backend']} answered like the artifact "
-          f"({', '.join(serving['checks'])}; max probability gap {serving['max_probability_gap']:.1e})")
+    if promoted:
+        serving = summary["serving"]
+        print(f"served: KServe predictor with {serving['backend']} answered like the artifact "
+              f"({', '.join(serving['checks'])}; max probability gap {serving['max_probability_gap']:.1e})")
+    print(summary_line(summary["gate"]))
+    print(f"champion: {champion}" + (" (now this run's model)" if promoted else " (unchanged)"))
     print(f"summary: {out / local_run.SUMMARY_FILE} ({wall:.0f} s); full log: {console.log_path}")
     return summary
+
+
+def local_champion_record(challenger: dict, run_folder: Path) -> dict:
+    """run-local's champion record of a promoted challenger: the run is named by its folder."""
+    return identity(challenger["weights_sha256"], challenger["model_uri"], challenger["accuracy"],
+                    challenger["test_fingerprint"], run_folder.name)
 
 
 def print_table(summary: dict) -> None:
@@ -221,10 +268,11 @@ def submit(args, params: dict) -> int:
                       f"(pod {task.pod_name})", file=sys.stderr)
         return 1
     if args.summary_out:
-        # The select task's `summary` artifact, wherever this run's MLMD records say it is: a cached
-        # select points at the run that computed it, not at a path under this run's id (components/mlmd.py).
+        # The gate task's `summary` artifact (select's + `gate`), wherever this run's MLMD records say
+        # it is: a cached task points at the run that computed it, not at a path under this run's id
+        # (components/mlmd.py).
         try:
-            uri = mlmd.run_output_uri(args.mlmd_endpoint, run_id, task="select", output="summary")
+            uri = mlmd.run_output_uri(args.mlmd_endpoint, run_id, task="gate", output="summary")
         except mlmd.OutputNotFound as e:
             print(f"submit: cannot find the run's summary: {e}", file=sys.stderr)
             return 1
@@ -234,6 +282,7 @@ def submit(args, params: dict) -> int:
         Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary)
+        print(summary_line(summary["gate"]))
         print(f"summary: {args.summary_out}")
     return 0
 
@@ -255,6 +304,11 @@ def main(argv=None) -> int:
     r.add_argument("--output-dir", default="runs/latest")
     r.add_argument("--verbose", action="store_true",
                    help="stream every task's full log (it is always in OUTPUT_DIR/pipeline.log)")
+    r.add_argument("--champion-dir", default=DEFAULT_CHAMPION_DIR,
+                   help="the served champion's model + record; replaced only when the gate promotes")
+    r.add_argument("--max-regression", type=float, default=0.0,
+                   help="points of test accuracy the winner may lose against the champion and still be promoted")
+    r.add_argument("--force-deploy", action="store_true", help="promote the winner whatever the gate says")
     s = sub.add_parser("submit", help="compile, upload and run on a KFP cluster, wait; non-zero unless it succeeds")
     s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT", "http://127.0.0.1:8888"),
                    help="KFP API (`make pipeline` port-forwards svc/ml-pipeline there)")
@@ -293,7 +347,9 @@ def main(argv=None) -> int:
         shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     try:
         run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
-                  arch=args.arch, seed=args.seed, allow_download=not args.no_download, verbose=args.verbose)
+                  arch=args.arch, seed=args.seed, allow_download=not args.no_download, verbose=args.verbose,
+                  champion_dir=args.champion_dir, max_regression=args.max_regression,
+                  force_deploy=args.force_deploy)
     except RunLocalFailed as e:
         print(f"run-local: {e}", file=sys.stderr)
         return 1

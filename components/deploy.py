@@ -43,7 +43,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from components import cluster, rollout
+from components import cluster, gate, rollout
 from components.kfp_step import step
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
 
@@ -93,12 +93,18 @@ class Serving:
 
 
 # --------------------------------------------------------------------------- render (pure)
-def render_inference_service(storage_uri: str, backend: str, weights_sha256: str, serving: Serving) -> dict:
-    """The InferenceService as the dict the Kubernetes API takes, built from KServe's typed models."""
+def render_inference_service(storage_uri: str, backend: str, weights_sha256: str, serving: Serving,
+                             record: dict | None = None) -> dict:
+    """The InferenceService as the dict the Kubernetes API takes, built from KServe's typed models.
+    ``record``: the model's identity (components.gate.identity), written as annotations that the
+    next run's gate reads."""
     if not storage_uri.startswith("s3://"):
         raise ValueError(f"storageUri must be s3://..., got {storage_uri!r}")
     if serving.cpu_limit < 1:
         raise ValueError(f"cpu_limit must be a whole number of CPUs >= 1, got {serving.cpu_limit}")
+    if record and (record["weights_sha256"], record["model_uri"]) != (weights_sha256, storage_uri):
+        raise ValueError(f"the identity record names {record['weights_sha256']} at {record['model_uri']}, "
+                         f"not the served {weights_sha256} at {storage_uri}")
     container = V1Container(
         name=CONTAINER_NAME,
         image=serving.image,
@@ -125,7 +131,8 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
             name=serving.name, namespace=serving.namespace,
             labels={"app.kubernetes.io/name": serving.name, "app.kubernetes.io/part-of": "gtsrb",
                     "gtsrb/backend": backend},
-            annotations={"gtsrb/weights-sha256": weights_sha256}),
+            annotations={**(gate.to_annotations(record) if record else {}),
+                         gate.IDENTITY["weights_sha256"]: weights_sha256}),
         spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
             service_account_name=serving.service_account, min_replicas=serving.min_replicas,
             max_replicas=serving.max_replicas, containers=[container],
@@ -250,17 +257,20 @@ def resolve_storage_uri(model_uri: str, weights_sha256: str, client) -> str:
 # --------------------------------------------------------------------------- deploy
 def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, apps_api, storage_client,
                  serving: Serving, timeout: float = 600, smoke=None, served_metadata=rollout.model_metadata,
-                 clock=time.monotonic, **wait_options) -> dict:
+                 clock=time.monotonic, measured: dict | None = None, **wait_options) -> dict:
     """Deploy the Model artifact at ``model_uri`` (``model_dir``: KFP's local copy of it) and
     check it; returns the deployment record. ``smoke(url, model_dir, backend, name)`` defaults to
     components.serving.check.check_endpoint; ``served_metadata(url, name)`` reads the served
-    model's V2 metadata. ``timeout`` covers Ready and the rollout together."""
+    model's V2 metadata. ``timeout`` covers Ready and the rollout together. ``measured``:
+    {test_accuracy, test_fingerprint, run_id} from the gate, annotated on the InferenceService
+    with the weights and storageUri."""
     from components.model import verified_card
     from components.serving.check import check_endpoint
 
     sha = verified_card(model_dir)["weights_sha256"]   # verifies the local copy's files
     storage_uri = resolve_storage_uri(model_uri, sha, storage_client)
-    body = render_inference_service(storage_uri, backend, sha, serving)
+    record = gate.identity(sha, storage_uri, **measured) if measured else None
+    body = render_inference_service(storage_uri, backend, sha, serving, record)
     applied = apply_inference_service(custom_api, body)
     print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
           f"{applied['metadata'].get('generation')}), storageUri {storage_uri}, backend {backend}", flush=True)
@@ -278,11 +288,11 @@ def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_
     checked = (smoke or check_endpoint)(url, model_dir, backend, serving.name)
     return {"name": serving.name, "namespace": serving.namespace, "url": url, "storage_uri": storage_uri,
             "backend": backend, "weights_sha256": sha, "image": serving.image, "smoke": checked,
-            "predict_url": f"{url}/v1/models/{serving.name}:predict"}
+            "predict_url": f"{url}/v1/models/{serving.name}:predict", "identity": record}
 
 
 def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Serving, timeout: float,
-                      record_path: str) -> dict:
+                      record_path: str, measured: dict | None = None) -> dict:
     """The deploy step in the cluster: Kubernetes and object-store clients from the pod's service
     account and environment, :func:`deploy_model`, the record written to ``record_path``."""
     import json
@@ -293,25 +303,30 @@ def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Ser
 
     config.load_incluster_config()
     outcome = deploy_model(model_uri, model_dir, backend, client.CustomObjectsApi(), client.CoreV1Api(),
-                           client.AppsV1Api(), client_from_env(cluster.MINIO_ENDPOINT), serving, timeout=timeout)
+                           client.AppsV1Api(), client_from_env(cluster.MINIO_ENDPOINT), serving, timeout=timeout,
+                           measured=measured)
     with open(record_path, "w") as f:
         json.dump(outcome, f, indent=2)
     return outcome
 
 
 @step("deploy")
-def deploy(model: Input[Model], backend: str, deploy_target: str, serving_image: str,
-           namespace: str, name: str, timeout_seconds: int, record: Output[Artifact]) -> str:
+def deploy(model: Input[Model], verdict: Input[Artifact], backend: str, deploy_target: str, serving_image: str,
+           namespace: str, name: str, timeout_seconds: int, run_id: str, record: Output[Artifact]) -> str:
     """Serve the winner as a KServe InferenceService, wait for Ready, smoke-test it. ``serving_image``
     is fixed when the pipeline is compiled (components.images), like every step's image. The
     pipeline runs this step for every deploy_target but "local", so a misspelt target fails here
-    instead of serving nothing."""
+    instead of serving nothing. The gate's ``verdict`` (its summary: the challenger's test accuracy
+    and test-split fingerprint) and ``run_id`` are annotated on the InferenceService: the next
+    run's champion record."""
     if deploy_target != "kserve":
         raise ValueError(f"deploy_target must be 'local' or 'kserve', got {deploy_target!r}")
 
     from components.deploy import Serving, deploy_and_record
+    from components.gate import measured
 
     outcome = deploy_and_record(model.uri, model.path, backend, Serving(name=name, namespace=namespace,
-                                image=serving_image), timeout_seconds, record.path)
+                                image=serving_image), timeout_seconds, record.path,
+                                measured=measured(verdict.path, run_id))
     record.metadata.update(url=outcome["url"], storage_uri=outcome["storage_uri"], backend=backend)
     return outcome["predict_url"]

@@ -7,6 +7,7 @@ and every evaluation read two files instead of tens of thousands of images.
 """
 
 
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,17 @@ def load_split(directory: str | Path, split: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: preprocessed {split} split missing")
     return torch.load(path, weights_only=True)
+
+
+def split_fingerprint(split: dict[str, torch.Tensor]) -> str:
+    """sha256 of a preprocessed split's images and labels (dtype, shape, bytes, in order): two
+    accuracies are comparable only when they were measured on splits with the same fingerprint."""
+    digest = hashlib.sha256()
+    for key in ("images", "labels"):
+        tensor = split[key].contiguous()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _read_archive(archive: Path) -> dict[str, bytes]:

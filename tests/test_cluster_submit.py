@@ -15,7 +15,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 import pipeline
-from components import cluster
+from components import cluster, gate
 from components.selection import select_winner
 from tests.mlmdserver import mlmd_server, recorded
 from tests.s3server import s3_store
@@ -24,17 +24,34 @@ from tests.test_selection import RESULTS
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = recorded()
 RUN_ID = RECORDED["run"]["run_id"]
-# Where the cached select's summary really is: under the first run's id (see the fixture).
-SUMMARY_KEY = f"v2/artifacts/gtsrb-backends/{RECORDED['first_run_id']}/select/7d21c4e9/summary"
+# The gate's summary (select's + `gate`): the gate is never cached, so it is under this run's id, found
+# through MLMD like any task's output (a cached select's is under the first run's id: see the fixture).
+SUMMARY_KEY = f"v2/artifacts/gtsrb-backends/{RUN_ID}/gate/5a1c7e20/summary"
 
 
-def summary(winner_b1: float | None = None) -> dict:
+def gate_section(decision: str = "keep", weights: str = "cd" * 32, champion_accuracy: float = 96.1,
+                 fingerprint: str = "f" * 64) -> dict:
+    """A gate section as components.gate.run_gate writes it (a challenger and a champion)."""
+    paired = {"test_images": 1000, "both_right": 940, "challenger_only": 10, "champion_only": 11, "both_wrong": 39}
+    return {"decision": decision, "reason": f"challenger 95.00 % < champion {champion_accuracy:.2f} % − 0 points",
+            "rule": gate.rule_text(0.0), "max_regression": 0.0, "force_deploy": False, "problem": None,
+            "challenger": {"weights_sha256": weights, "model_uri": "minio://mlpipeline/new", "accuracy": 95.0,
+                           "correct": 950, "test_fingerprint": fingerprint, "run_id": RUN_ID},
+            "champion": {"weights_sha256": "ef" * 32, "model_uri": "s3://mlpipeline/old/", "accuracy": 95.1,
+                         "correct": 951, "recorded_accuracy": champion_accuracy, "test_fingerprint": fingerprint,
+                         "same_test_split": True, "run_id": "old-run", "deployed_at": "2026-01-01T00:00:00Z",
+                         "source": "InferenceService kubeflow/gtsrb"},
+            "paired": paired, "mcnemar_p": gate.mcnemar_exact(10, 11)}
+
+
+def summary(winner_b1: float | None = None, **gate_options) -> dict:
     results = [dict(r) for r in RESULTS]
     if winner_b1 is not None:
         results[2] = {**results[2], "latency": {**results[2]["latency"],
                                                 "batch1": {**results[2]["latency"]["batch1"], "median_ms": winner_b1}}}
     return {**select_winner(results), "model": {"path": "/minio/mlpipeline/model", "architecture": "signnet",
-                                                "weights_sha256": "ab" * 32, "flops_per_image": 2e6}}
+                                                "weights_sha256": "ab" * 32, "flops_per_image": 2e6},
+            "gate": gate_section(**gate_options)}
 
 
 class FakeClient:
@@ -110,8 +127,8 @@ def submit(tmp_path, *extra) -> int:
 
 
 def test_submit_uploads_runs_waits_and_downloads_the_summary(kfp_client, object_store, metadata, tmp_path, capsys):
-    """A second run: select came from the cache, so its summary is under the first run's id, and
-    nothing at all is under this run's id but deploy's record."""
+    """A second run: select came from the cache (its summary is under the first run's id); the gate,
+    never cached, wrote the summary submit reads under this run's id, found through MLMD."""
     endpoint, store = object_store
     body = json.dumps(summary()).encode()
     store.put_object("mlpipeline", SUMMARY_KEY, io.BytesIO(body), len(body))
@@ -126,6 +143,8 @@ def test_submit_uploads_runs_waits_and_downloads_the_summary(kfp_client, object_
     printed = capsys.readouterr().out
     assert f"run: http://ui:8080/#/runs/details/{RUN_ID}" in printed and "final state: SUCCEEDED" in printed
     assert "winner: onnxruntime" in printed
+    assert "gate: keep — challenger 95.00 % < champion" in printed
+    assert f"served model: weights sha256 {'ef' * 32}" in printed                    # kept: the champion's
     written = json.loads(out.read_text())
     assert written["winner"] == "onnxruntime" and written["run"]["id"] == RUN_ID
     assert written["run"]["summary_uri"] == f"minio://mlpipeline/{SUMMARY_KEY}"
@@ -150,11 +169,11 @@ def test_a_failed_run_exits_non_zero_and_names_the_failed_task(kfp_client, tmp_p
 def test_a_run_without_a_summary_artifact_fails(kfp_client, object_store, tmp_path, capsys):
     endpoint, _ = object_store
     objects = {**RECORDED["mlmd"], "executions": [e for e in RECORDED["mlmd"]["executions"]
-                                                  if e["customProperties"]["task_name"]["stringValue"] != "select"]}
+                                                  if e["customProperties"]["task_name"]["stringValue"] != "gate"]}
     with mlmd_server(objects) as (mlmd_endpoint, _):
         assert submit(tmp_path, "--s3-endpoint", endpoint, "--mlmd-endpoint", mlmd_endpoint,
                       "--summary-out", str(tmp_path / "s.json")) == 1
-    assert "cannot find the run's summary: no finished execution of task 'select'" in capsys.readouterr().err
+    assert "cannot find the run's summary: no finished execution of task 'gate'" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
 
 
@@ -188,3 +207,19 @@ def test_pr_report_without_main_or_without_a_summary(pr_report, tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps(summary()))
     assert pr_report._load(str(path))["winner"] == "onnxruntime" and pr_report._load(str(tmp_path / "no")) is None
+
+
+def test_pr_report_shows_the_gate_and_the_comparison_with_mains_champion(pr_report):
+    mine = summary(decision="promote", weights="12" * 32)
+    mine["gate"]["challenger"]["accuracy"] = 96.5
+    text = pr_report.report(mine, summary(decision="keep"))
+    assert "# Gate: **promote**" in text and "Exact McNemar p = 1" in text
+    assert "## vs main's champion" in text
+    assert "| this pull request | `121212121212…` | 96.50 |" in text
+    assert "| main's champion | `efefefefefef…` | 95.10 |" in text          # main kept its champion
+    assert "Same test split: +1.40 points; against main's champion the gate would **promote**" in text
+    other = pr_report.report(summary(decision="promote", fingerprint="0" * 64), summary(decision="promote"))
+    assert "| main's champion | `cdcdcdcdcdcd…` | 95.00 |" in other and "accuracies are not comparable" in other
+    old_main = summary()
+    del old_main["gate"]
+    assert "no champion to compare with" in pr_report.report(summary(), old_main)

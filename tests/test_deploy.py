@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from components import cluster, deploy, storage
+from components import cluster, deploy, gate, storage
 from components.images import image
 from components.model import WEIGHTS_FILE, sha256_file
 from tests.s3server import s3_store
@@ -142,7 +142,7 @@ def _task(ir, name):
 def test_ir_smoke_tests_locally_and_deploys_otherwise(ir):
     spec, _ = ir
     assert spec["root"]["inputDefinitions"]["parameters"]["deploy_target"]["defaultValue"] == "local"
-    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+    branches = spec["components"]["comp-condition-branches-3"]["dag"]["tasks"]     # inside the gate's "promote"
     conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()}
     by_task = {next(iter(spec["components"][c]["dag"]["tasks"])): cond for c, cond in conditions.items()}
     assert by_task == {"serve": "inputs.parameter_values['pipelinechannel--deploy_target'] == 'local'",
@@ -177,13 +177,13 @@ def test_ir_serve_and_deploy_take_the_model_artifact_and_no_data(ir):
     """What is served is what was measured: the train task's Model artifact, with its calibration
     sample inside; the preprocessed data set never travels to serving."""
     spec, _ = ir
-    for name in ("serve", "deploy"):
+    for name, inputs in (("serve", {"model"}), ("deploy", {"model", "verdict"})):   # verdict: the gate's summary
         task, _ = _task(ir, name)
         artifacts = task["inputs"]["artifacts"]
-        assert set(artifacts) == {"model"}, name
+        assert set(artifacts) == inputs, name
         assert artifacts["model"] == {"componentInputArtifact": "pipelinechannel--train-model"}, name
         definition = spec["components"][task["componentRef"]["name"]]["inputDefinitions"]
-        assert set(definition["artifacts"]) == {"model"}, name
+        assert set(definition["artifacts"]) == inputs, name
 
 
 def deploy_ready_seconds():
@@ -457,16 +457,17 @@ def test_deploy_fails_clearly_when_the_old_model_still_answers(fake, store, trai
 
 
 @pytest.mark.slow
-def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predictor_url):
+def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predictor_url, tmp_path):
     state, custom, core, apps = fake
     state.ready_url = predictor_url
     kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
     storage.upload_artifact(store, trained_model, kfp_uri)                # what KFP's launcher stored
     record = None
+    measured = {"test_accuracy": 41.25, "test_fingerprint": "f" * 64, "run_id": "run-7"}
     for _ in range(2):                                                     # deploying twice leaves one
         record = deploy.deploy_model(kfp_uri, str(trained_model), "eager", custom, core, apps, store, SERVING,
                                      timeout=60, poll=0, sleep=lambda s: None, served_metadata=served_as_artifact(
-                                         trained_model))
+                                         trained_model), measured=measured)
     assert len(state.objects) == 1
     assert record["storage_uri"] == storage.s3_prefix_uri(kfp_uri) and record["storage_uri"].startswith("s3://")
     assert record["url"] == predictor_url
@@ -476,6 +477,13 @@ def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predic
     env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"] == record["storage_uri"]
     assert env["GTSRB_WEIGHTS_SHA256"] == sha256_file(trained_model / WEIGHTS_FILE) == record["weights_sha256"]
+    # The next run's gate reads this deployment back as its champion, through the same API (get only).
+    champion = gate.cluster_champion(custom, store, cluster.NAMESPACE, cluster.INFERENCE_SERVICE,
+                                     tmp_path / "champion")
+    assert champion.record == record["identity"] == {
+        "weights_sha256": record["weights_sha256"], "model_uri": record["storage_uri"], **measured,
+        "deployed_at": record["identity"]["deployed_at"]}
+    assert sha256_file(champion.model_dir / WEIGHTS_FILE) == record["weights_sha256"]
 
 
 def test_deploy_serves_only_an_artifact_in_the_object_store(fake, store, trained_model):

@@ -23,7 +23,7 @@ def _executor_images(ir) -> dict[str, str]:
 
 def test_ir_has_every_step_in_its_own_image_of_the_same_name(ir):
     found = _executor_images(ir)
-    assert set(found) == {"ingest", "preprocess", "train", "evaluate", "select", "serve", "deploy"}
+    assert set(found) == {"ingest", "preprocess", "train", "evaluate", "select", "gate", "serve", "deploy"}
     for step, image in found.items():
         assert image == images.image(step), "task, image and @step share one name"
     assert len(set(found.values())) == len(found), "each step runs in its own image"
@@ -59,14 +59,15 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     """A newcomer's `make local`, small: under 40 lines (one per task with its duration and key
     figure, the table, the winner); kfp's executor output goes to OUTPUT_DIR/pipeline.log."""
     code = pipeline.main(["run-local", "--data-dir", str(sample_dir), "--epochs", "1", "--arch", "lp",
-                          "--backends", "eager,onednn", "--output-dir", str(tmp_path), "--no-download"])
+                          "--backends", "eager,onednn", "--output-dir", str(tmp_path), "--no-download",
+                          "--champion-dir", str(tmp_path / "champion")])
     out, err = capfd.readouterr()
     assert code == 0, out + err
     lines = (out + err).splitlines()
     assert len(lines) <= 40, out + err
-    tasks = [re.match(r"\[ ?(\d)/7\] (.+?)\s+(\d+\.\d) s  (.+)$", line) for line in lines if line.startswith("[")]
+    tasks = [re.match(r"\[ ?(\d)/8\] (.+?)\s+(\d+\.\d) s  (.+)$", line) for line in lines if line.startswith("[")]
     assert [m.group(2) for m in tasks] == ["ingest", "preprocess", "train", "evaluate eager", "evaluate onednn",
-                                           "select", "serve"], out
+                                           "select", "gate", "serve"], out
     figures = {m.group(2): m.group(4) for m in tasks}
     assert re.fullmatch(r"1,\d{3} train \+ \d+ test images verified", figures["ingest"])
     assert re.fullmatch(r"best val accuracy \d+\.\d\d %", figures["train"])
@@ -92,6 +93,8 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     assert written["serving"]["weights_sha256"] == card["weights_sha256"]
     report = next(tmp_path.glob("artifacts/*/select/report")).read_text()
     assert f"**Winner: `{written['winner']}`**" in report and "| eager |" in report.replace("**", "")
+    assert written["gate"]["decision"] == "promote" and written["gate"]["champion"] is None   # a fresh champion dir
+    assert json.loads((tmp_path / "champion" / "champion.json").read_text())["weights_sha256"] == card["weights_sha256"]
 
 
 @pytest.mark.slow
@@ -101,7 +104,8 @@ def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, 
     bad = root / "gtsrb/GTSRB/Training/00003/00000_00001.ppm"
     bad.write_bytes(bad.read_bytes()[:40])
     code = pipeline.main(["run-local", "--data-dir", str(root), "--epochs", "1", "--backends", "eager",
-                          "--output-dir", str(tmp_path / "out"), "--no-download"])
+                          "--output-dir", str(tmp_path / "out"), "--no-download",
+                          "--champion-dir", str(tmp_path / "champion")])
     out, err = capfd.readouterr()
     assert code == 1
     assert "run-local: " in err and "task ingest failed after" in err      # the CLI's verdict
@@ -111,8 +115,48 @@ def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, 
     assert not list((tmp_path / "out").glob("artifacts/*/train/model"))
     assert not list((tmp_path / "out").glob("artifacts/*/ingest/raw"))
     assert not (tmp_path / "out" / "summary.json").exists()
+    assert not (tmp_path / "champion").exists()
 
 
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_run_local_gate_promotes_keeps_and_forces_on_the_sample(sample_dir, tmp_path, capfd):
+    """Issue 15's check: a fresh champion dir -> 3 epochs promote; 1 epoch keep (exit 0, the champion
+    unchanged, nothing served); 1 epoch --force-deploy promote."""
+    champion = tmp_path / "champion"
+
+    def run(epochs, *extra):
+        out = tmp_path / f"out-{epochs}{'-'.join(extra)}"
+        code = pipeline.main(["run-local", "--data-dir", str(sample_dir), "--epochs", str(epochs), "--backends",
+                              "eager", "--output-dir", str(out), "--champion-dir", str(champion), "--no-download",
+                              *extra])
+        printed = capfd.readouterr().out
+        return code, json.loads((out / "summary.json").read_text()), printed
+
+    def champion_sha():
+        return json.loads((champion / "champion.json").read_text())["weights_sha256"]
+
+    code, first, printed = run(3)
+    assert code == 0 and first["gate"]["decision"] == "promote" and first["gate"]["champion"] is None
+    assert champion_sha() == first["model"]["weights_sha256"] and "serving" in first
+    assert "gate: promote — no champion" in printed
+
+    code, second, printed = run(1)
+    gate = second["gate"]
+    assert code == 0 and gate["decision"] == "keep", gate["reason"]
+    assert champion_sha() == first["model"]["weights_sha256"], "the champion is unchanged"
+    assert "serving" not in second and not list((tmp_path / "out-1").glob("artifacts/*/serve"))
+    assert gate["champion"]["weights_sha256"] == first["model"]["weights_sha256"]
+    assert gate["champion"]["same_test_split"] and gate["champion"]["accuracy"] == pytest.approx(
+        first["gate"]["challenger"]["accuracy"])
+    assert gate["challenger"]["accuracy"] < gate["champion"]["accuracy"]
+    assert f"gate: keep — {gate['reason']}" in printed and "(unchanged)" in printed
+
+    code, third, printed = run(1, "--force-deploy")
+    assert code == 0 and third["gate"]["decision"] == "promote"
+    assert third["gate"]["reason"].startswith("force_deploy: promoted although the gate says keep")
+    assert champion_sha() == third["model"]["weights_sha256"] != first["model"]["weights_sha256"]

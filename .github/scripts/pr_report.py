@@ -1,10 +1,11 @@
-"""The pull-request comment of the pipeline workflow: this run's backend report, compared with main.
+"""The pull-request comment of the pipeline workflow: this run's backend report and gate decision,
+compared with main (its backends and the model its run left serving: main's champion).
 
     python .github/scripts/pr_report.py SUMMARY.json [--baseline MAIN_SUMMARY.json] [--run-url URL] [--commit SHA]
 
-SUMMARY.json is what `make pipeline` wrote (the select step's summary); when it is missing the run
-failed, and the comment says so. --baseline is the same file from main's latest successful run
-(absent on the first run or when it expired). Writes Markdown to stdout.
+SUMMARY.json is what `make pipeline` wrote (the gate step's summary: select's + `gate`); when it is
+missing the run failed, and the comment says so. --baseline is the same file from main's latest
+successful run (absent on the first run or when it expired). Writes Markdown to stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from components import gate
 from components.selection import markdown_report
 
 MARKER = "<!-- gtsrb-pipeline-report -->"   # pr-report.yml edits the comment that starts with it
@@ -52,6 +54,36 @@ def comparison(summary: dict, baseline: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def served_model(summary: dict) -> dict | None:
+    """The model a run left serving: its challenger when the gate promoted it, else the champion."""
+    decision = summary.get("gate")
+    if not decision:
+        return None
+    return decision["challenger"] if decision["decision"] == gate.PROMOTE else decision["champion"]
+
+
+def champion_comparison(summary: dict, baseline: dict) -> str:
+    """This run's challenger against the model main's latest run left serving (main's champion)."""
+    mine, theirs = summary["gate"]["challenger"], served_model(baseline)
+    if theirs is None:
+        return "\n_Main's summary has no gate decision: no champion to compare with._\n"
+    same = mine["test_fingerprint"] == theirs["test_fingerprint"]
+    gap = mine["accuracy"] - theirs["accuracy"]
+    lines = ["\n## vs main's champion\n", "| | weights sha256 | test accuracy % | test split |", "|---|---|---|---|",
+             f"| this pull request | `{mine['weights_sha256'][:12]}…` | {mine['accuracy']:.2f} | "
+             f"`{mine['test_fingerprint'][:12]}…` |",
+             f"| main's champion | `{theirs['weights_sha256'][:12]}…` | {theirs['accuracy']:.2f} | "
+             f"`{theirs['test_fingerprint'][:12]}…` |", ""]
+    if same:
+        rule = gate.decide(mine["accuracy"], theirs["accuracy"], summary["gate"]["max_regression"], None, "",
+                           None, False)[0]
+        lines.append(f"Same test split: {gap:+.2f} points; against main's champion the gate would **{rule}** "
+                     "(paired counts need both models on one cluster: the run's own gate had none to compare with).")
+    else:
+        lines.append("Different test splits (the fingerprints differ): the accuracies are not comparable.")
+    return "\n".join(lines) + "\n"
+
+
 def report(summary: dict | None, baseline: dict | None, run_url: str = "", commit: str = "") -> str:
     where = " · ".join(filter(None, [f"commit `{commit[:12]}`" if commit else "",
                                      f"[run]({run_url})" if run_url else ""]))
@@ -59,8 +91,12 @@ def report(summary: dict | None, baseline: dict | None, run_url: str = "", commi
     if summary is None:
         return head + "**The pipeline did not finish**: it produced no summary. See the run's logs.\n"
     body = markdown_report(summary)
+    if "gate" in summary:
+        body += "\n" + gate.markdown_report(summary["gate"])
     if baseline is not None:
         body += "\n" + comparison(summary, baseline)
+        if "gate" in summary:
+            body += champion_comparison(summary, baseline)
     else:
         body += "\n_No summary from main to compare with yet._\n"
     text = head + body
