@@ -3,8 +3,10 @@
     python -m bench.bench_serve [--summary runs/latest/summary.json | --model-dir DIR --backend NAME]
                                 [--image file.ppm] [--duration 10] [--concurrency 1,8] [--workers N]
 
-Servers, all on 127.0.0.1 (all three run; only the one being measured gets requests):
+Servers, all on 127.0.0.1 (all run; only the one being measured gets requests):
 - ``kserve``:   ``python -m components.serving`` (kserve.ModelServer, N worker processes);
+- ``noop``:     KServe's ceiling: a ``kserve.Model`` that answers a constant, on the same server
+                settings (workers, sockets, request guard, routes, logging, /metrics);
 - ``flask``:    a Flask app written and run the way the common ONNX+Flask tutorial ships it
                 (model loaded at import, ``app.run(threaded=True)`` development server);
 - ``gunicorn``: the same Flask app under gunicorn with N sync worker processes.
@@ -12,7 +14,8 @@ The request is the V1 body ``{"instances": [{"image": {"b64": ...}}]}`` with one
 server and concurrency level, closed-loop clients (one asyncio process, keep-alive where the server
 allows it) send requests for a fixed total duration, split into interleaved rounds so that
 background load weighs on all three alike. Reported: req/s, p50, p99 and the server's CPU time
-per request; the last line is the req/s ratios at the highest concurrency.
+per request; the last line is the req/s ratios at the highest concurrency (kserve_vs_noop: the
+share of KServe's own ceiling our predictor reaches).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from components.measure import percentile
 from components.serving.client import MODEL_NAME, free_port, predictor_command, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("kserve", "flask", "gunicorn")
+SERVERS = ("kserve", "noop", "flask", "gunicorn")
 KSERVE_PATH = f"/v1/models/{MODEL_NAME}:predict"
 FLASK_PATH = "/predict"
 STARTUP_SECONDS = 120
@@ -187,6 +190,8 @@ def post_once(port: int, path: str, body: bytes) -> dict:
 def server_command(name: str, port: int, model_dir: str, backend: str, workers: int) -> list[str]:
     if name == "kserve":      # exactly what `make serve` and the InferenceService run
         return predictor_command(model_dir, backend, port, workers)
+    if name == "noop":
+        return [sys.executable, "-m", "bench.noop_server", f"--port={port}", f"--workers={workers}"]
     if name == "flask":
         return [sys.executable, "-m", "bench.bench_serve", "flask-dev-server", f"--port={port}"]
     if name == "gunicorn":
@@ -244,7 +249,8 @@ def ratio_line(results: dict, concurrency: int) -> str:
         return results[name][concurrency]["rps"]
 
     return (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
-            f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x")
+            f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x "
+            f"kserve_vs_noop={rps('kserve') / rps('noop'):.2f}x")
 
 
 def report(results: dict, levels: list[int]) -> list[str]:
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
           f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
     with ExitStack() as stack:
         servers, answers = {}, {}
-        for name in SERVERS:                 # all three up (idle ones use no CPU), then measured in turns
+        for name in SERVERS:                 # all up (idle ones use no CPU), then measured in turns
             port, log_path = free_port(), args.log_dir / f"{name}.log"
             path = KSERVE_PATH if name == "kserve" else FLASK_PATH
             process = stack.enter_context(running(name, port, model_dir, backend, args.workers, log_path))
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
             print(f"{name}: answered {answers[name]}", flush=True)
             measure(port, http_request(path, body), max(levels), 1.0)        # warm every worker
             servers[name] = (process, port, path)
-        if len({a["class_id"] for a in answers.values()}) != 1:
+        if len({a["class_id"] for name, a in answers.items() if name != "noop"}) != 1:
             raise SystemExit(f"servers disagree on the image's class: {answers}")
         results = run_rounds(servers, body, levels, args.duration, args.rounds)
     print("\n".join(report(results, levels)))

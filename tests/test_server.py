@@ -187,7 +187,7 @@ BAD = {
     "v1 undecodable image": ("POST", V1, image(b64(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)), {}, 400,
                              "cannot decode image"),
     "v1 truncated image": ("POST", V1, image(b64(png((200, 200), noise=True)[:20000])), {}, 400, "cannot decode image"),
-    "v1 unsupported format": ("POST", V1, image(b64(b"GIF89a" + b"\0" * 64)), {}, 400, "image"),
+    "v1 unsupported format": ("POST", V1, image(b64(b"GIF89a" + b"\0" * 64)), {}, 400, "not a PNG, JPEG, PPM image"),
     "v1 image too many pixels": ("POST", V1, image(b64(png((5000, 4000), "1"))), {}, 413, "limit"),
     "v1 array wrong shape": ("POST", V1, {"instances": [[[0.0] * 32] * 32]}, {}, 400, "is not [3, 32, 32]"),
     "v1 array ragged": ("POST", V1, {"instances": [[[[0.0] * 32] * 32, [[0.0] * 32] * 31, [[0.0] * 32] * 32]]},

@@ -115,10 +115,8 @@ class GTSRBModel(Model):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if self.server.logging:                  # before KServe would apply its default config
-            kserve_logging.configure_logging(self.server.logging)
         model_server.app.router.on_startup.append(self.load)
-        self.server.apply()
+        self.server.set_up_worker()
 
     def get_input_types(self):
         return protocol.input_types(self.input_shape)

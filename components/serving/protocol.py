@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_REQUEST_PIXELS = 4096 * 4096           # decoded pixels per request, all its images together
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
@@ -78,14 +78,14 @@ def decode_base64(value, where: str) -> bytes:
 def open_image(data: bytes, where: str) -> Image.Image:
     """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size);
     no pixel is decoded yet."""
-    try:
-        image = Image.open(io.BytesIO(data))
+    try:                              # only these formats' header parsers ever see the bytes
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise RequestTooLarge(f"{where}: image too large to decode ({e})") from None
+    except UnidentifiedImageError:
+        _fail(where, f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} image (the formats accepted)")
     except (OSError, ValueError, SyntaxError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
-    if image.format not in IMAGE_FORMATS:
-        _fail(where, f"image format {image.format} is not accepted; send {', '.join(IMAGE_FORMATS)}")
     width, height = image.size
     if width < 1 or height < 1:
         _fail(where, f"image has zero size ({width}x{height})")

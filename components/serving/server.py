@@ -107,6 +107,12 @@ class ServerSettings:
             app.router.on_startup.append(drop_timing_middleware)
         app.state.gtsrb_configured = True
 
+    def set_up_worker(self) -> None:
+        """In a spawned server worker (unpickling its model): this logging, then :meth:`apply`."""
+        if self.logging:                         # before KServe would apply its default config
+            kserve_logging.configure_logging(self.logging)
+        self.apply()
+
 
 def install_error_handlers() -> None:
     """Client errors answered and logged as surface.py does (at startup, after KServe's own)."""
