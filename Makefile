@@ -66,7 +66,7 @@ predict: ## send one image to `make serve` on 127.0.0.1 and print the answer (IM
 	$(PYTHON) -m components.serve predict $(IMG) --url http://127.0.0.1:$(SERVE_PORT)
 
 .PHONY: bench-serve
-bench-serve: ## KServe predictor vs Flask dev server vs gunicorn on loopback, same model + request (BENCH_DURATION=s)
+bench-serve: ## KServe predictor vs a no-op kserve.Model, Flask dev server, gunicorn on loopback, same request (BENCH_DURATION=s)
 	GTSRB_SAMPLE_DIR=$(SAMPLE_DIR) $(PYTHON) -m bench.bench_serve --summary $(OUTPUT_DIR)/summary.json \
 		--duration $(BENCH_DURATION)
 

@@ -3,8 +3,10 @@
     python -m bench.bench_serve [--summary runs/latest/summary.json | --model-dir DIR --backend NAME]
                                 [--image file.ppm] [--duration 10] [--concurrency 1,8] [--workers N]
 
-Servers, all on 127.0.0.1 (all three run; only the one being measured gets requests):
+Servers, all on 127.0.0.1 (all run; only the one being measured gets requests):
 - ``kserve``:   ``python -m components.serving`` (kserve.ModelServer, N worker processes);
+- ``noop``:     KServe's ceiling: a ``kserve.Model`` that answers a constant, on the same server
+                settings (workers, sockets, request guard, routes, logging, /metrics);
 - ``flask``:    a Flask app written and run the way the common ONNX+Flask tutorial ships it
                 (model loaded at import, ``app.run(threaded=True)`` development server);
 - ``gunicorn``: the same Flask app under gunicorn with N sync worker processes.
@@ -15,7 +17,8 @@ once as binary tensor (``kserve-v2bin``: 12 KB raw float32 after a JSON header) 
 server and concurrency level, closed-loop clients (one asyncio process, keep-alive where the server
 allows it) send requests for a fixed total duration, split into interleaved rounds so that
 background load weighs on all three alike. Reported: req/s, p50, p99 and the server's CPU time
-per request; the last line is the req/s ratios at the highest concurrency.
+per request; the last line is the req/s ratios at the highest concurrency (kserve_vs_noop: the
+share of KServe's own ceiling our predictor reaches).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from components.measure import percentile
 from components.serving.client import MODEL_NAME, free_port, predictor_command, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("kserve", "flask", "gunicorn")
+SERVERS = ("kserve", "noop", "flask", "gunicorn")
 V2_VARIANTS = ("kserve-v2bin", "kserve-v2json")     # the kserve server, other requests
 KSERVE_PATH = f"/v1/models/{MODEL_NAME}:predict"
 KSERVE_V2_PATH = f"/v2/models/{MODEL_NAME}/infer"
@@ -212,6 +215,8 @@ def post_once(port: int, request: bytes) -> dict:
 def server_command(name: str, port: int, model_dir: str, backend: str, workers: int) -> list[str]:
     if name == "kserve":      # exactly what `make serve` and the InferenceService run
         return predictor_command(model_dir, backend, port, workers)
+    if name == "noop":
+        return [sys.executable, "-m", "bench.noop_server", f"--port={port}", f"--workers={workers}"]
     if name == "flask":
         return [sys.executable, "-m", "bench.bench_serve", "flask-dev-server", f"--port={port}"]
     if name == "gunicorn":
@@ -269,7 +274,8 @@ def ratio_line(results: dict, concurrency: int) -> str:
         return results[name][concurrency]["rps"]
 
     line = (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
-            f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x")
+            f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x "
+            f"kserve_vs_noop={rps('kserve') / rps('noop'):.2f}x")
     if "kserve-v2bin" in results:
         line += f" v2bin_vs_v1={rps('kserve-v2bin') / rps('kserve'):.2f}x"
     return line
@@ -331,9 +337,9 @@ def main(argv=None) -> int:
           f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
     with ExitStack() as stack:
         servers, answers = {}, {}
-        for name in SERVERS:                 # all three up (idle ones use no CPU), then measured in turns
+        for name in SERVERS:                 # all up (idle ones use no CPU), then measured in turns
             port, log_path = free_port(), args.log_dir / f"{name}.log"
-            request = http_request(KSERVE_PATH if name == "kserve" else FLASK_PATH, body)
+            request = http_request(KSERVE_PATH if name in ("kserve", "noop") else FLASK_PATH, body)
             process = stack.enter_context(running(name, port, model_dir, backend, args.workers, log_path))
             answers[name] = wait_ready(process, port, request, log_path)["predictions"][0]
             print(f"{name}: answered {answers[name]}", flush=True)
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
                     answers[variant] = {"class_id": outputs["class_id"][0], "probability": outputs["probability"][0]}
                     print(f"{variant}: answered {answers[variant]}", flush=True)
                     servers[variant] = (process, port, v2_request)
-        if len({a["class_id"] for a in answers.values()}) != 1:
+        if len({a["class_id"] for name, a in answers.items() if name != "noop"}) != 1:
             raise SystemExit(f"servers disagree on the image's class: {answers}")
         results = run_rounds(servers, levels, args.duration, args.rounds)
     print("\n".join(report(results, levels)))

@@ -1,4 +1,4 @@
-"""bench/bench_serve.py: its HTTP client and statistics, and one short real run of all three servers."""
+"""bench/bench_serve.py: its HTTP client and statistics, and one short real run of all four servers."""
 
 import asyncio
 import re
@@ -7,7 +7,8 @@ import pytest
 
 from bench import bench_serve
 
-LAST_LINE = re.compile(r"^kserve_vs_flask=\d+\.\d\dx kserve_vs_gunicorn=\d+\.\d\dx v2bin_vs_v1=\d+\.\d\dx$")
+LAST_LINE = re.compile(r"^kserve_vs_flask=\d+\.\d\dx kserve_vs_gunicorn=\d+\.\d\dx kserve_vs_noop=\d+\.\d\dx "
+                       r"v2bin_vs_v1=\d+\.\d\dx$")
 
 
 def parse(raw: bytes):
@@ -41,27 +42,28 @@ def test_report_ends_with_the_ratio_line():
     def level(rps):
         return bench_serve.summarize([0.001] * 49 + [0.002], 50 / rps, 0.1)
 
-    results = {"kserve": {1: level(100), 8: level(300)}, "flask": {1: level(90), 8: level(120)},
-               "gunicorn": {1: level(95), 8: level(250)}, "kserve-v2bin": {1: level(150), 8: level(600)}}
+    results = {"kserve": {1: level(100), 8: level(300)}, "noop": {1: level(150), 8: level(400)},
+               "flask": {1: level(90), 8: level(120)}, "gunicorn": {1: level(95), 8: level(250)},
+               "kserve-v2bin": {1: level(150), 8: level(600)}}
     lines = bench_serve.report(results, [1, 8])
-    assert len(lines) == 1 + 8 + 1                    # header, a row per server and level, the ratios
+    assert len(lines) == 1 + 10 + 1                   # header, a row per server and level, the ratios
     assert lines[1].split() == ["kserve", "1", "50", "100.0", "1.00", "2.00", "2.00"]   # 0.1 CPU-s / 50
-    assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x v2bin_vs_v1=2.00x"
+    assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x kserve_vs_noop=0.75x v2bin_vs_v1=2.00x"
 
 
 @pytest.mark.slow
-def test_a_short_run_measures_all_three_servers(trained_model, sample_dir, tmp_path, capsys):
+def test_a_short_run_measures_all_four_servers(trained_model, sample_dir, tmp_path, capsys):
     image = sample_dir / "gtsrb" / "GTSRB" / "Final_Test" / "Images" / "00000.ppm"
     assert bench_serve.main(["--model-dir", str(trained_model), "--backend", "eager", "--image", str(image),
                              "--duration", "2", "--rounds", "2", "--concurrency", "1,4", "--workers", "2",
                              "--log-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert LAST_LINE.match(out[-1]), out[-1]
-    names = ("flask", "gunicorn", "kserve", "kserve-v2bin", "kserve-v2json")
+    names = ("flask", "gunicorn", "kserve", "kserve-v2bin", "kserve-v2json", "noop")
     rows = [line.split() for line in out if line.split()[:1] in ([n] for n in names) and len(line.split()) == 7]
     assert sorted((r[0], int(r[1])) for r in rows) == [(s, c) for s in names for c in (1, 4)]
     for _, _, requests, rps, p50, p99, cpu_ms in rows:
         assert int(requests) > 0 and float(rps) > 0 and 0 < float(p50) <= float(p99) and float(cpu_ms) > 0
-    answers = [line for line in out if ": answered " in line]
+    answers = [line for line in out if ": answered " in line and not line.startswith("noop")]
     assert len(answers) == 5 and len({a.split("'class_id': ")[1].split(",")[0] for a in answers}) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flask.log", "gunicorn.log", "kserve.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flask.log", "gunicorn.log", "kserve.log", "noop.log"]

@@ -188,8 +188,8 @@ BAD_BINARY = {
     "oversized binary body": (*binary_body(fp32_header(100), ZEROS * 100), {}, 413, "exceeds the limit"),
     "gzip body": (GOOD_BODY, GOOD_LENGTH, {"Content-Encoding": "gzip"}, 415, "uncompressed"),
     "binary header on V1": (GOOD_BODY, GOOD_LENGTH, {"_path": V1}, 400, "V2 /infer requests only"),
-    "not JSON, no binary header": (b"\0\1\2", None, {"Content-Type": "application/octet-stream"}, 400,
-                                   "Inference-Header-Content-Length"),
+    "not JSON, no binary header": (b"\0\1\2", None, {"Content-Type": "application/octet-stream"}, 415,
+                                   "send application/json"),
 }
 
 

@@ -229,6 +229,17 @@ GOOD = b64(encode(sign_image(1, random.Random(0)), "PNG"))
 ZEROS = [[[0.0] * 32 for _ in range(32)] for _ in range(3)]
 
 
+def with_value(nested: list, position: tuple, value) -> list:
+    """A deep copy of ``nested`` with ``value`` at ``position``."""
+    copy = json.loads(json.dumps(nested))
+    *outer, last = position
+    target = copy
+    for i in outer:
+        target = target[i]
+    target[last] = value
+    return copy
+
+
 def v2(name="image", datatype="BYTES", shape=(1,), data=(GOOD,), **request) -> InferRequest:
     return InferRequest("gtsrb", [InferInput(name, list(shape), datatype, list(data))], **request)
 
@@ -249,12 +260,17 @@ BAD_REQUESTS = {
     "b64 empty": (v1({"image": {"b64": ""}}), "zero bytes"),
     "not an image": (v1({"image": {"b64": b64(b"hello world")}}), "cannot decode image"),
     "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
-    "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "format GIF"),
+    "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "not a PNG, JPEG, PPM image"),
     "too many pixels": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "limit"),
     "array wrong shape": (v1([[[0.0] * 32] * 32] * 2), "is not [3, 32, 32]"),
     "array ragged": (v1([[[0.0] * 32] * 32, [[0.0] * 31] * 32, [[0.0] * 32] * 32]), "rectangular"),
     "array of strings": (v1([[["0"] * 32] * 32] * 3), "expected numbers"),
     "array of booleans": (v1([[[True] * 32] * 32] * 3), "booleans"),
+    "array, first value a boolean": (v1(with_value(ZEROS, (0, 0, 0), True)),
+                                     "instances[0][0][0][0]: expected a number, got true"),
+    "array, one boolean among numbers": (v1(ZEROS, with_value(ZEROS, (2, 31, 5), False)),
+                                         "instances[1][2][31][5]: expected a number, got false"),
+    "array with null": (v1(with_value(ZEROS, (1, 2, 3), None)), "expected numbers"),
     "array with NaN": (v1([[[float("nan")] * 32] * 32] * 3), "NaN"),
     "top_k zero": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": 0}}, "top_k"),
     "top_k string": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": "3"}}, "top_k"),
@@ -269,6 +285,10 @@ BAD_REQUESTS = {
     "v2 bytes not string": (v2(data=(5,)), "expected a base64 string"),
     "v2 fp32 shape": (v2("input", "FP32", (1, 3, 16, 16), [0.0] * 768), "is not [N, 3, 32, 32]"),
     "v2 fp32 values": (v2("input", "FP32", (1, 3, 32, 32), [0.0] * 100), "do not fill shape"),
+    "v2 fp32 a boolean among numbers": (v2("input", "FP32", (1, 3, 32, 32), [0.5] * 7 + [True] + [0.5] * 3064),
+                                        "input 'input' data[7]: expected a number, got true"),
+    "v2 fp32 nested, a boolean": (v2("input", "FP32", (1, 3, 32, 32), [with_value(ZEROS, (2, 0, 9), False)]),
+                                  r"input 'input' data[0][2][0][9]: expected a number, got false"),
     "v2 fp32 infinity": (v2("input", "FP32", (1, 3, 32, 32), [float("inf")] * 3072), "NaN or infinity"),
     "v2 too many": (v2(shape=(5,), data=[GOOD] * 5), "maximum batch"),
     "v2 unknown output": (v2(request_outputs=[RequestedOutput("logits")]), "unknown output"),
@@ -281,6 +301,43 @@ BAD_REQUESTS = {
 def test_bad_requests_are_invalid_input_saying_what_is_wrong(model, payload, message):
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("{", r"\{")):
         model.preprocess(payload)
+
+
+def test_a_boolean_is_named_even_where_it_is_not_the_first_value(model):
+    """numpy turns [0.5, true] into float64 [0.5, 1.0]: the value check must look at each element."""
+    good = with_value(ZEROS, (1, 1, 1), 1)                 # ints are numbers
+    assert model.preprocess(v1(good)).x.shape == (1, 3, 32, 32)
+
+
+def png_of_size(width: int, height: int) -> str:
+    return b64(encode(Image.new("1", (width, height)), "PNG"))
+
+
+def test_the_pixel_budget_counts_every_image_of_a_request(model, monkeypatch):
+    """The budget is per request: images that pass alone are refused together (413), from their
+    headers, before any of them is decoded; a request exactly at the budget passes."""
+    import dataclasses
+
+    sig = dataclasses.replace(model.signature, max_pixels=3 * 64 * 64)
+    decoded = []
+    monkeypatch.setattr(protocol, "decode_image", lambda image, where: decoded.append(where) or
+                        torch.zeros(3, 32, 32, dtype=torch.uint8))
+    at_budget = v1(*[{"image": {"b64": png_of_size(64, 64)}}] * 3)
+    assert protocol.parse_request(at_budget, sig).x.shape == (3, 3, 32, 32) and len(decoded) == 3
+    decoded.clear()
+    over = v1(*[{"image": {"b64": png_of_size(64, 64)}}] * 3, {"image": {"b64": png_of_size(1, 1)}})
+    with pytest.raises(protocol.RequestTooLarge, match=r"instances\[3\].image.b64: a 1x1 image brings the request "
+                                                        r"to 12289 decoded pixels, more than the limit of 12288"):
+        protocol.parse_request(over, sig)
+    v2_over = v2(shape=(2,), data=[png_of_size(100, 100), png_of_size(100, 100)])
+    with pytest.raises(protocol.RequestTooLarge, match=r"input 'image' data\[1\]: a 100x100 image .* 20000 decoded"):
+        protocol.parse_request(v2_over, sig)
+    assert decoded == []
+    # the server's default: one 4096x4096 image, or 64 instances of 512x512
+    assert protocol.MAX_REQUEST_PIXELS == model.signature.max_pixels == 4096 * 4096
+    with pytest.raises(protocol.RequestTooLarge, match="limit of 16777216 pixels per request"):
+        model.preprocess(v1(*[{"image": {"b64": png_of_size(4096, 4096)}}] * 2))
+    assert decoded == []
 
 
 # --------------------------------------------------------------------------- multi-worker shipping

@@ -2,7 +2,7 @@
 
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
-        [--request_logs] [--enable_grpc true --grpc_port 8081]
+        [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081]
     python -m components.serving --summary runs/latest/summary.json ...   (a run-local's model + winner)
 
 Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
@@ -21,7 +21,7 @@ from kserve import logging as kserve_logging
 from kserve import model_server
 
 from components.runtime import cpu_count
-from components.serving import server, worker_metrics
+from components.serving import protocol, server, worker_metrics
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, GTSRBModel
 
 
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_body_bytes", type=int,
                         default=int(env("GTSRB_MAX_BODY_BYTES", server.DEFAULT_MAX_BODY_BYTES)),
                         help="largest request body accepted; larger is 413 (env GTSRB_MAX_BODY_BYTES)")
+    parser.add_argument("--max_pixels", type=int,
+                        default=int(env("GTSRB_MAX_PIXELS", protocol.MAX_REQUEST_PIXELS)),
+                        help="most decoded image pixels per request, all its images together; more is 413 "
+                             "(env GTSRB_MAX_PIXELS)")
     parser.add_argument("--request_logs", action="store_true",
                         help="log every request (uvicorn access log + KServe timing lines); off by default")
     # workers 0 = one per CPU this container may use; gRPC (V2) only with --enable_grpc true (it runs
@@ -68,7 +72,8 @@ def main(argv=None) -> int:
     try:
         settings = server.ServerSettings(args.max_body_bytes, args.request_logs, log_config)
         model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
-                           threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=settings)
+                           threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=settings,
+                           max_pixels=args.max_pixels)
         worker_metrics.prepare(workers)
     except Exception as e:  # refuse to start, and say why
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "

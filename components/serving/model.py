@@ -60,11 +60,14 @@ def prepare_served(model_dir: str | Path, backend: str, expected_sha256: str | N
 class GTSRBModel(Model):
     def __init__(self, name: str, model_dir: str, backend: str, max_batch: int = DEFAULT_MAX_BATCH,
                  threads: int | None = None, expected_sha256: str | None = None,
-                 server: ServerSettings | None = None):
+                 server: ServerSettings | None = None, max_pixels: int = protocol.MAX_REQUEST_PIXELS):
         super().__init__(name)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.model_dir, self.backend, self.max_batch, self.threads = model_dir, backend, max_batch, threads
+        self.max_pixels = max_pixels
         self.expected_sha256 = expected_sha256   # the deployed weights: refuse any other artifact
         self.server = server or ServerSettings()
         self.ready = False
@@ -84,7 +87,7 @@ class GTSRBModel(Model):
         self.signature = protocol.Signature(
             self.input_shape, tuple(self.class_names),
             torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1),
-            torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1), self.max_batch)
+            torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1), self.max_batch, self.max_pixels)
         self.weights_sha256 = card["weights_sha256"]
         self.buckets = batch_buckets(self.max_batch)
         for n in self.buckets:
@@ -112,10 +115,8 @@ class GTSRBModel(Model):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if self.server.logging:                  # before KServe would apply its default config
-            kserve_logging.configure_logging(self.server.logging)
         model_server.app.router.on_startup.append(self.load)
-        self.server.apply()
+        self.server.set_up_worker()
 
     def get_input_types(self):
         return protocol.input_types(self.input_shape)

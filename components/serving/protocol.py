@@ -7,7 +7,9 @@ Requests (the same transforms as training: decode, RGB, bilinear resize to 32x32
   either ``image`` (BYTES, shape [N]: each element an encoded image's own bytes, or their base64
   text; JSON strings are base64) or ``input`` (FP32, shape [N, 3, 32, 32]); as JSON data, gRPC
   contents or raw bytes (components/serving/binary.py); ``parameters: {"top_k": k}``.
-Any bad request raises ``kserve.errors.InvalidInput`` (answered 400 / INVALID_ARGUMENT) saying what was wrong.
+Any bad request raises ``kserve.errors.InvalidInput`` (answered 400 / INVALID_ARGUMENT) saying what was wrong; a
+request whose images together exceed the decoded-pixel budget raises :class:`RequestTooLarge`
+(413) after reading only image headers, before any image is decoded.
 Answers: class id, class name and probability per instance (and the top k when asked).
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -23,19 +27,19 @@ import numpy as np
 import orjson
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from components.serving import binary
 
-MAX_IMAGE_PIXELS = 4096 * 4096             # decoded size limit (decompression bombs)
+MAX_REQUEST_PIXELS = 4096 * 4096           # decoded pixels per request, all its images together
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
+# An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
+IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
 V1_KEYS = {"instances", "parameters"}
 V2_INPUTS = {"image": "BYTES", "input": "FP32"}
 V2_OUTPUTS = ("class_id", "class_name", "probability", "top_k_class_id", "top_k_probability")
 V2_PARAMETERS = ("top_k", "binary_data_output")   # the latter: KServe's binary tensor extension, for outputs
 V2_OUTPUT_PARAMETERS = ("binary_data",)
-# An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
-IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class Signature:
     mean: object                         # torch float32 1 x 3 x 1 x 1
     std: object
     max_batch: int
+    max_pixels: int = MAX_REQUEST_PIXELS
+
+
+class RequestTooLarge(InvalidInput):
+    """A request within the body limit whose images would decode to more pixels than allowed (413)."""
 
 
 @dataclass
@@ -74,29 +83,53 @@ def decode_base64(value, where: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes, where: str):
-    """Encoded PNG/JPEG/PPM bytes -> uint8 3x32x32 tensor through the training transform."""
+def open_image(data: bytes, where: str) -> Image.Image:
+    """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size);
+    no pixel is decoded yet."""
+    try:                              # only these formats' header parsers ever see the bytes
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise RequestTooLarge(f"{where}: image too large to decode ({e})") from None
+    except UnidentifiedImageError:
+        _fail(where, f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} image (the formats accepted)")
+    except (OSError, ValueError, SyntaxError) as e:
+        _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
+    width, height = image.size
+    if width < 1 or height < 1:
+        _fail(where, f"image has zero size ({width}x{height})")
+    return image
+
+
+def decode_image(image: Image.Image, where: str):
+    """An opened image -> uint8 3x32x32 tensor through the training transform."""
     from components.model import to_uint8_32
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in IMAGE_FORMATS:
-                _fail(where, f"image format {image.format} is not accepted; send {', '.join(IMAGE_FORMATS)}")
-            width, height = image.size
-            if width < 1 or height < 1:
-                _fail(where, f"image has zero size ({width}x{height})")
-            if width * height > MAX_IMAGE_PIXELS:
-                _fail(where, f"image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
+        with image:
             image.load()
             return to_uint8_32(image)
-    except InvalidInput:
-        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
 
 
+class PixelBudget:
+    """The decoded pixels one request may cost, spent image by image as headers are read."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def spend(self, image: Image.Image, where: str) -> None:
+        width, height = image.size
+        self.used += width * height
+        if self.used > self.limit:
+            raise RequestTooLarge(
+                f"{where}: a {width}x{height} image brings the request to {self.used} decoded pixels, more "
+                f"than the limit of {self.limit} pixels per request (all its images together)")
+
+
 def as_numbers(data, where: str) -> np.ndarray:
-    """A nested JSON number array -> float32 ndarray; rejects strings, booleans, ragged arrays, NaN/inf."""
+    """A nested JSON number array -> float32 ndarray; rejects strings, booleans (even one among
+    numbers, which numpy would turn into 1.0 or 0.0), ragged arrays, NaN/inf, naming the position."""
     try:
         array = np.asarray(data)
     except (ValueError, TypeError) as e:
@@ -104,10 +137,27 @@ def as_numbers(data, where: str) -> np.ndarray:
     if array.dtype.kind not in "iuf":
         kind = "booleans" if array.dtype.kind == "b" else f"non-numbers (array dtype {array.dtype})"
         _fail(where, f"expected numbers, got {kind}")
+    if isinstance(data, list) and (position := _first_boolean(data, array.shape)) is not None:
+        value = functools.reduce(lambda nested, i: nested[i], position, data)
+        _fail(f"{where}{''.join(f'[{i}]' for i in position)}", f"expected a number, got {str(value).lower()}")
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         _fail(where, "contains NaN or infinity")
     return array
+
+
+def _first_boolean(data: list, shape: tuple) -> tuple | None:
+    """Index of the first bool in a rectangular nested list of numbers of ``shape``, or None."""
+    def leaves():
+        flat = data
+        for _ in range(len(shape) - 1):
+            flat = itertools.chain.from_iterable(flat)
+        return flat
+
+    if bool not in set(map(type, leaves())):
+        return None
+    first = next(i for i, value in enumerate(leaves()) if type(value) is bool)
+    return tuple(int(i) for i in np.unravel_index(first, shape))
 
 
 def parse_parameters(parameters, num_classes: int, known: tuple[str, ...] = ("top_k",)) -> int:
@@ -136,12 +186,9 @@ def _check_count(n: int, where: str, sig: Signature) -> None:
         _fail(where, f"{n} instances exceed the maximum batch of {sig.max_batch}")
 
 
-def _image(value, where: str, sig: Signature):
-    """A base64 image (or, as bytes, an encoded image itself) -> normalized float 3x32x32."""
-    from components.model import normalize
-
-    data = value if isinstance(value, bytes) and IMAGE_SIGNATURE.match(value) else decode_base64(value, where)
-    return normalize(decode_image(data, where).unsqueeze(0), sig.mean, sig.std)[0]
+def encoded_image(value, where: str) -> bytes:
+    """A V2 BYTES element: an encoded image's own bytes (binary data, gRPC contents) or base64 text."""
+    return value if isinstance(value, bytes) and IMAGE_SIGNATURE.match(value) else decode_base64(value, where)
 
 
 def grpc_parameters(parameters) -> dict:
@@ -153,6 +200,14 @@ def grpc_parameters(parameters) -> dict:
             _fail(f"parameters.{key}", "a value of a type this server does not read; send bool, int64 or string")
         plain[key] = getattr(value, kind)
     return plain
+
+
+def _decode_images(x, images: list, sig: Signature) -> None:
+    """Decode the opened images into their rows of ``x``, normalized: [(row, image, where)]."""
+    from components.model import normalize
+
+    for i, image, where in images:
+        x[i] = normalize(decode_image(image, where).unsqueeze(0), sig.mean, sig.std)[0]
 
 
 # --------------------------------------------------------------------------- requests
@@ -185,19 +240,27 @@ def _v1_batch(body, sig: Signature) -> Batch:
     _check_count(len(instances), "instances", sig)
     top_k = parse_parameters(body.get("parameters"), len(sig.class_names))
     x = torch.empty(len(instances), *sig.input_shape)
-    for i, instance in enumerate(instances):
-        x[i] = _v1_instance(instance, f"instances[{i}]", sig)
+    budget, images = PixelBudget(sig.max_pixels), []
+    for i, instance in enumerate(instances):      # every header first: refused before decoding any image
+        where = f"instances[{i}]"
+        if isinstance(instance, list):
+            x[i] = _v1_array(instance, where, sig)
+        else:
+            images.append((i, *_v1_image(instance, where, budget)))
+    _decode_images(x, images, sig)
     return Batch(x, top_k)
 
 
-def _v1_instance(instance, where: str, sig: Signature):
+def _v1_array(instance: list, where: str, sig: Signature):
     import torch
 
-    if isinstance(instance, list):
-        array = as_numbers(instance, where)
-        if array.shape != sig.input_shape:
-            _fail(where, f"array shape {list(array.shape)} is not {list(sig.input_shape)}")
-        return torch.from_numpy(array)
+    array = as_numbers(instance, where)
+    if array.shape != sig.input_shape:
+        _fail(where, f"array shape {list(array.shape)} is not {list(sig.input_shape)}")
+    return torch.from_numpy(array)
+
+
+def _v1_image(instance, where: str, budget: PixelBudget) -> tuple[Image.Image, str]:
     if not isinstance(instance, dict):
         _fail(where, f"expected {{\"image\": {{\"b64\": ...}}}} or a 3x32x32 number array, "
                      f"got {type(instance).__name__}")
@@ -206,7 +269,10 @@ def _v1_instance(instance, where: str, sig: Signature):
     image = instance["image"]
     if not isinstance(image, dict) or set(image) != {"b64"}:
         _fail(f"{where}.image", "expected {\"b64\": \"<base64 PNG/JPEG/PPM>\"}")
-    return _image(image["b64"], f"{where}.image.b64", sig)
+    where = f"{where}.image.b64"
+    opened = open_image(decode_base64(image["b64"], where), where)
+    budget.spend(opened, where)
+    return opened, where
 
 
 def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
@@ -237,7 +303,7 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
         _check_count(shape[0], where, sig)
         count = int(np.prod(shape))
         if raw is None:
-            array = as_numbers(data, where)
+            array = as_numbers(data, f"{where} data")
         else:
             array = binary.fp32(raw, count, where)
             if not np.isfinite(array).all():
@@ -250,9 +316,14 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     if len(shape) != 1 or shape[0] != len(data):
         _fail(where, f"shape {shape} does not match its {len(data)} data elements (expected [N])")
     _check_count(len(data), where, sig)
+    budget, images = PixelBudget(sig.max_pixels), []
+    for i, value in enumerate(data):              # every header first: refused before decoding any image
+        at = f"{where} data[{i}]"
+        image = open_image(encoded_image(value, at), at)
+        budget.spend(image, at)
+        images.append((i, image, at))
     x = torch.empty(len(data), *sig.input_shape)
-    for i, value in enumerate(data):
-        x[i] = _image(value, f"{where} data[{i}]", sig)
+    _decode_images(x, images, sig)
     return Batch(x, top_k, request)
 
 

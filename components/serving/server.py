@@ -5,7 +5,9 @@ when enabled, KServe's gRPC server in the parent process).
 
 A body larger than the limit is answered 413 before KServe reads it (gRPC: RESOURCE_EXHAUSTED
 past the same limit). A body without a Content-Type is JSON; a V2 body with the binary tensor
-extension's header reaches KServe as bytes and is read by :mod:`components.serving.binary`.
+extension's header reaches KServe as bytes and is read by :mod:`components.serving.binary`; a V2
+body declared as anything but JSON (or binary) is refused with 415. Routes and error answers:
+components/serving/surface.py.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import copy
 import logging
 from dataclasses import dataclass
 
-import orjson
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 
-from components.serving import binary, listen, worker_metrics
+from components.serving import binary, listen, surface, worker_metrics
 from components.serving.metadata import report_weights_in_metadata
+from components.serving.surface import send_error
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -41,20 +43,23 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if (refused := v2_content_type_refusal(scope, headers)) is not None:
+            return await send_error(scope, send, 415, refused)
         if b"content-encoding" in headers and headers[b"content-encoding"].strip().lower() != b"identity":
-            return await _error(send, 415, f"Content-Encoding {headers[b'content-encoding'].decode(errors='replace')} "
-                                           "is not supported; send the body uncompressed")
+            encoding = headers[b"content-encoding"].decode(errors="replace")
+            return await send_error(scope, send, 415,
+                                    f"Content-Encoding {encoding} is not supported; send the body uncompressed")
         if self.BINARY_HEADER in headers:
             if not scope["path"].endswith("/infer"):
-                return await _error(send, 400, "the binary tensor extension (Inference-Header-Content-Length) "
-                                               "is for V2 /infer requests only")
+                return await send_error(scope, send, 400, "the binary tensor extension "
+                                        "(Inference-Header-Content-Length) is for V2 /infer requests only")
             scope = _with_content_type(scope, b"application/octet-stream")
         elif b"content-type" not in headers:
             scope = _with_content_type(scope, b"application/json")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
-            return await _error(send, 413, f"request body of {declared.decode(errors='replace')} bytes exceeds "
-                                           f"the limit of {self.max_body_bytes} bytes")
+            return await send_error(scope, send, 413, f"request body of {declared.decode(errors='replace')} bytes "
+                                                      f"exceeds the limit of {self.max_body_bytes} bytes")
         body = bytearray()
         while True:                       # a chunked body has no content-length: count as it arrives
             message = await receive()
@@ -62,7 +67,8 @@ class RequestGuard:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                return await _error(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                return await send_error(scope, send, 413,
+                                        f"request body exceeds the limit of {self.max_body_bytes} bytes")
             if not message.get("more_body"):
                 break
         replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
@@ -108,11 +114,18 @@ class GrpcLogFilter(logging.Filter):
         return True
 
 
-async def _error(send, status: int, message: str) -> None:
-    body = orjson.dumps({"error": message})
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def v2_content_type_refusal(scope, headers: dict) -> str | None:
+    """Why a V2 infer body is refused for its declared content type, or None: a JSON body must be
+    sent as JSON (KServe takes any other type for the binary extension and answers with a message
+    about a missing header). No Content-Type, and the binary extension, are decided elsewhere."""
+    declared = headers.get(b"content-type")
+    if declared is None or not scope["path"].endswith("/infer") or not scope["path"].startswith("/v2/"):
+        return None
+    media_type = declared.split(b";", 1)[0].strip().lower()
+    if media_type == b"application/json" or media_type.endswith(b"+json") or RequestGuard.BINARY_HEADER in headers:
+        return None
+    return (f"Content-Type {declared.decode(errors='replace')} is not accepted for V2 inference; "
+            f"send application/json")
 
 
 @dataclass(frozen=True)
@@ -136,11 +149,24 @@ class ServerSettings:
         if getattr(app.state, "gtsrb_configured", False):
             return
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        app.add_middleware(surface.OfferedRoutes)          # outermost: before the body is read
         report_weights_in_metadata()
         worker_metrics.serve_all_workers(app)
+        app.router.on_startup.append(install_error_handlers)
         if not self.request_logs:
             app.router.on_startup.append(drop_timing_middleware)
         app.state.gtsrb_configured = True
+
+    def set_up_worker(self) -> None:
+        """In a spawned server worker (unpickling its model): this logging, then :meth:`apply`."""
+        if self.logging:                         # before KServe would apply its default config
+            kserve_logging.configure_logging(self.logging)
+        self.apply()
+
+
+def install_error_handlers() -> None:
+    """Client errors answered and logged as surface.py does (at startup, after KServe's own)."""
+    surface.install_error_handlers(model_server.app)
 
 
 def drop_timing_middleware() -> None:

@@ -1,0 +1,146 @@
+"""What the server answers, and how it refuses the rest.
+
+KServe registers more routes than this predictor offers: the V2 model-repository extension
+(``/v2/repository/models/<name>/load`` and ``/unload``: one unauthenticated request would unload
+the model from a worker that still reports ready), ``:explain`` (501 without an explainer),
+versioned V2 routes (501) and its OpenAPI page. :class:`OfferedRoutes` answers every request
+outside :data:`OFFERED` itself, before KServe routes it: 404, or 405 with ``Allow`` where the path
+exists with other methods, with a JSON message.
+
+Errors: a client error (4xx) is answered ``{"error": message}`` and logged as ONE warning line
+(method, path, status, reason); only a server fault (5xx) is logged with its traceback (KServe's
+handlers, kept for those).
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from kserve.errors import InvalidInput, ModelNotFound
+from kserve.logging import logger
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from components.serving.protocol import RequestTooLarge
+
+# Path -> methods this server answers (HEAD wherever GET), the inference routes first (checked
+# in this order). A model name has no '/' and no ':' (so GET or HEAD on ":predict" is a 405).
+OFFERED = {
+    "/v1/models/{model_name}:predict": {"POST"},
+    "/v2/models/{model_name}/infer": {"POST"},
+    "/": {"GET"},
+    "/metrics": {"GET"},
+    "/v1/models": {"GET"},
+    "/v1/models/{model_name}": {"GET"},
+    "/v2": {"GET"},
+    "/v2/health/live": {"GET"},
+    "/v2/health/ready": {"GET"},
+    "/v2/models": {"GET"},
+    "/v2/models/{model_name}": {"GET"},
+    "/v2/models/{model_name}/ready": {"GET"},
+}
+LOGGED_CHARS = 300          # of a client-supplied reason or path in the log line
+
+
+def _compile(offered: dict) -> list[tuple[re.Pattern, frozenset, str]]:
+    routes = []
+    for template, methods in offered.items():
+        pattern = re.escape(template).replace(re.escape("{model_name}"), "[^/:]+")
+        allowed = set(methods) | ({"HEAD"} if "GET" in methods else set())
+        routes.append((re.compile(pattern), frozenset(allowed), ", ".join(sorted(allowed))))
+    return routes
+
+
+class OfferedRoutes:
+    """ASGI middleware: a request for a route outside :data:`OFFERED` is answered here (404, or
+    405 + Allow), so KServe's other routes are unreachable whatever its router holds."""
+
+    ROUTES = _compile(OFFERED)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        allowed = None
+        for pattern, methods, allow in self.ROUTES:
+            if pattern.fullmatch(path):
+                if method in methods:
+                    return await self.app(scope, receive, send)
+                allowed = allow
+        if allowed is None:
+            return await send_error(scope, send, HTTPStatus.NOT_FOUND,
+                                    f"Not Found: this server has no route {method} {path}")
+        return await send_error(scope, send, HTTPStatus.METHOD_NOT_ALLOWED,
+                                f"Method Not Allowed: {method} {path}; this path answers {allowed}",
+                                [(b"allow", allowed.encode())])
+
+
+async def send_error(scope, send, status: int, message: str, headers=()) -> None:
+    """Answer ``{"error": message}`` with ``status`` from ASGI middleware, logged as a client error.
+    (A HEAD answer has no body, as HTTP requires; its headers still give the JSON's type and length.)"""
+    log_client_error(scope, status, message)
+    body = orjson.dumps({"error": message})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install_error_handlers(app) -> None:
+    """Answer and log client errors as :func:`client_error` does. Run after KServe has added its
+    handlers (at startup): they log every error with its traceback, at ERROR."""
+    app.exception_handlers.update({InvalidInput: invalid_input, ModelNotFound: model_not_found,
+                                   HTTPException: http_error, RequestValidationError: validation_error})
+    app.middleware_stack = None          # rebuilt with these handlers on the next request
+
+
+def log_client_error(scope, status: int, reason: str) -> None:
+    """One warning line, control characters escaped (the path and reason come from the client)."""
+    path = scope.get("path", "?")
+    logger.warning("client error: %s %s -> %d: %s", scope.get("method", "?"), _printable(path),
+                   status, _printable(reason))
+
+
+def _printable(text: str) -> str:
+    text = text if len(text) <= LOGGED_CHARS else text[:LOGGED_CHARS] + f"... ({len(text)} chars)"
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def client_error(request, status: int, message: str, headers=None) -> JSONResponse:
+    log_client_error(request.scope, status, message)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def invalid_input(request, exc: InvalidInput) -> JSONResponse:
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if isinstance(exc, RequestTooLarge) else HTTPStatus.BAD_REQUEST
+    return client_error(request, status, str(exc))
+
+
+async def model_not_found(request, exc: ModelNotFound) -> JSONResponse:
+    return client_error(request, HTTPStatus.NOT_FOUND, str(exc))
+
+
+async def http_error(request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own HTTP errors (its 404/405, were a route of OFFERED not registered)."""
+    return client_error(request, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
+
+
+async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's check of a V2 body against KServe's schema: 422, one message per problem
+    (without FastAPI's echo of the input, which can be the whole body)."""
+    errors = exc.errors()
+    # KServe's infer route takes an InferenceRequest or bytes: report the InferenceRequest's problems
+    errors = [e for e in errors if tuple(e.get("loc", ()))[:2] != ("body", "bytes")] or errors
+    problems = "; ".join(f"{_location(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+    return client_error(request, HTTPStatus.UNPROCESSABLE_ENTITY, f"invalid V2 request body: {problems}")
+
+
+def _location(loc) -> str:
+    where = ".".join(str(part) for part in loc if part not in ("body", "InferenceRequest"))
+    return where or "body"
