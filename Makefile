@@ -81,6 +81,7 @@ INFERENCE_SERVICE := gtsrb
 KFP_API_PORT ?= 8888
 KFP_UI_PORT ?= 8080
 S3_PORT ?= 9000
+MLMD_PORT ?= 8089
 ENDPOINT_PORT ?= 8085
 CLUSTER_OUTPUT ?= runs/cluster
 RUN_TIMEOUT ?= 5400
@@ -92,10 +93,18 @@ PLATFORM ?= linux/$(if $(filter x86_64 amd64,$(HOST_ARCH)),amd64,arm64)
 EMULATE_AMD64 ?= $(if $(filter aarch64 arm64,$(HOST_ARCH)),yes,)
 GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 # The kubelet pulls `:latest` from the registry again (imagePullPolicy Always), so the images kind
-# loads carry another tag: IMAGE_TAG, or `dev` when IMAGE_TAG is latest.
-CLUSTER_TAG := $(if $(filter latest,$(IMAGE_TAG)),dev,$(IMAGE_TAG))
+# loads carry another tag: IMAGE_TAG (CI: the commit sha), or when that is latest, one derived from
+# the sources the images contain (git-<commit>[-dirty-<hash>], .github/scripts/source-tag.sh). KFP's
+# cache key holds the image name: new code gets a new tag and is never served old cached outputs.
+# (Evaluated once, on first use.)
+CLUSTER_TAG = $(eval CLUSTER_TAG := $(if $(filter latest,$(IMAGE_TAG)),$(or $(shell bash .github/scripts/source-tag.sh),$(error cannot derive an image tag from git here: set IMAGE_TAG)),$(IMAGE_TAG)))$(CLUSTER_TAG)
 cluster_image = $(IMAGE_REGISTRY)/$(IMAGE_PREFIX)$(1):$(CLUSTER_TAG)
 STEP_IMAGES := $(filter-out base,$(STEPS))
+# Argo Workflows comes in through KFP's own kustomization (pinned by commit in manifests/kfp) as
+# `?ref=v4.0.5`, which we cannot rewrite: `make kfp` checks that the tag still names this commit.
+ARGO_REPOSITORY := https://github.com/argoproj/argo-workflows
+ARGO_TAG := v4.0.5
+ARGO_COMMIT := 0ab1452144d8f4d57c50b37ce50dad218868e950
 S3_CREDENTIAL = $$($(KUBECTL) -n $(NAMESPACE) get secret mlpipeline-minio-artifact -o jsonpath='{.data.$(1)}' | base64 -d)
 
 .PHONY: cluster images image-base $(addprefix image-,$(STEP_IMAGES)) load kfp kserve pipeline ui endpoint clean
@@ -103,7 +112,7 @@ S3_CREDENTIAL = $$($(KUBECTL) -n $(NAMESPACE) get secret mlpipeline-minio-artifa
 cluster: ## create the kind cluster from kind-config.yaml (skipped when it exists)
 	$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || $(KIND) create cluster --name $(KIND_CLUSTER) --config kind-config.yaml --wait 3m
 
-images: image-base $(addprefix image-,$(STEP_IMAGES)) ## build every image with docker buildx for PLATFORM (tag CLUSTER_TAG)
+images: image-base $(addprefix image-,$(STEP_IMAGES)) ## build every image with docker buildx for PLATFORM (tag: IMAGE_TAG, or git-<commit>[-dirty-<hash>])
 
 image-base:
 	$(DOCKER) buildx build --platform $(PLATFORM) --load -f images/base/Dockerfile \
@@ -119,6 +128,8 @@ load: cluster images ## load the step images into the kind node (kind skips the 
 
 kfp: cluster ## install Kubeflow Pipelines 2.17 (standalone) and our RBAC/secret/service account; wait for it
 	$(if $(EMULATE_AMD64),$(DOCKER) run --privileged --rm $(BINFMT_IMAGE) --install amd64,: amd64 host: MLMD runs natively)
+	$(if $(EMULATE_AMD64),BINFMT_IMAGE=$(BINFMT_IMAGE) bash .github/scripts/binfmt-check.sh)
+	bash .github/scripts/tag-check.sh $(ARGO_REPOSITORY) $(ARGO_TAG) $(ARGO_COMMIT)
 	$(KUBECTL) apply -k manifests/kfp/cluster-scoped
 	$(KUBECTL) wait --for condition=established --timeout=120s crd/applications.app.k8s.io
 	$(KUBECTL) apply -k manifests/kfp
@@ -128,19 +139,26 @@ kfp: cluster ## install Kubeflow Pipelines 2.17 (standalone) and our RBAC/secret
 kserve: cluster ## install cert-manager and KServe 0.21 in Standard mode; wait for them
 	$(KUBECTL) apply -k manifests/cert-manager
 	$(KUBECTL) -n cert-manager wait --for=condition=Available deployment --all --timeout=5m
-	# First pass may fail on KServe's own custom resources (CRD or webhook not up yet); the second may not.
-	$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve || true
+	# Available is not enough: cert-manager.io objects are rejected until its webhook serves with its CA
+	# injected. A server-side dry run passes the webhook and creates nothing.
+	bash .github/scripts/retry.sh 300 5 "cert-manager's webhook accepts an Issuer" \
+		$(KUBECTL) apply --dry-run=server -f manifests/cert-manager/probe-issuer.yaml
+	# KServe's own resources (ClusterServingRuntimes, ...) need its CRDs established and its webhook serving:
+	# retried until every object is accepted; a manifest that stays rejected fails with its own error.
+	bash .github/scripts/retry.sh 600 10 "KServe's manifests apply" \
+		$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve
 	$(KUBECTL) -n kserve wait --for=condition=Available deployment/kserve-controller-manager --timeout=10m
-	$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve
 
 pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT
 	mkdir -p $(CLUSTER_OUTPUT)
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline $(KFP_API_PORT):8888 > $(CLUSTER_OUTPUT)/port-forward-api.log 2>&1 & api=$$!; \
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/minio-service $(S3_PORT):9000 > $(CLUSTER_OUTPUT)/port-forward-s3.log 2>&1 & s3=$$!; \
-	trap 'kill $$api $$s3' EXIT; \
+	$(KUBECTL) -n $(NAMESPACE) port-forward svc/metadata-grpc-service $(MLMD_PORT):8080 > $(CLUSTER_OUTPUT)/port-forward-mlmd.log 2>&1 & mlmd=$$!; \
+	trap 'kill $$api $$s3 $$mlmd' EXIT; \
 	AWS_ACCESS_KEY_ID=$(call S3_CREDENTIAL,accesskey) AWS_SECRET_ACCESS_KEY=$(call S3_CREDENTIAL,secretkey) \
 	IMAGE_TAG=$(CLUSTER_TAG) $(PYTHON) pipeline.py submit --host http://127.0.0.1:$(KFP_API_PORT) \
-		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) --timeout $(RUN_TIMEOUT) \
+		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) \
+		--mlmd-endpoint 127.0.0.1:$(MLMD_PORT) --timeout $(RUN_TIMEOUT) \
 		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
 		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) --arg deploy_target=kserve $(PIPELINE_ARGS)
 

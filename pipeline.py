@@ -35,7 +35,7 @@ from components.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKENDS = list(BACKENDS)
-DEFAULT_EPOCHS = TrainConfig.epochs    # sized to the train step's time budget (components/train.py)
+DEFAULT_EPOCHS = TrainConfig.epochs    # 0: the recipe's length in images seen (components/train.py)
 # Latency is only comparable when backends do not race for the same cores: evaluate one
 # backend at a time. Raise on a cluster whose nodes give each task its own cores.
 EVAL_PARALLELISM = 1
@@ -149,7 +149,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
     console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
-    console.line(f"run-local: {arch}, {epochs} epochs, {len(backends)} backends, data {data_dir}; "
+    length = f"{epochs} epochs" if epochs else "epochs from the recipe"
+    console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
     start = time.perf_counter()
     try:
@@ -182,7 +183,8 @@ def submit(args, params: dict) -> int:
     """Compile, upload (a new version when the pipeline exists), run, wait; 0 only if the run succeeded."""
     import kfp
 
-    from components.storage import client_from_env
+    from components import mlmd
+    from components.storage import client_from_env, parse_uri
 
     package = compile_pipeline(args.package)
     name = gtsrb_pipeline.name
@@ -220,17 +222,17 @@ def submit(args, params: dict) -> int:
                 print(f"  task {task.display_name} failed: {task.error.message if task.error else '?'} "
                       f"(pod {task.pod_name})", file=sys.stderr)
         return 1
-    if args.summary_out:  # the select task's `summary` artifact: <root>/<pipeline>/<run id>/select/<salt>/summary
-        store = client_from_env(args.s3_endpoint)
-        keys = [o.object_name for o in store.list_objects(cluster.MINIO_BUCKET, prefix=f"v2/artifacts/{name}/{run_id}/",
-                                                          recursive=True)
-                if o.object_name.endswith("/summary") and "/select/" in o.object_name]
-        if not keys:
-            print(f"submit: no select/summary artifact under {cluster.MINIO_BUCKET}/v2/artifacts/{name}/{run_id}/",
-                  file=sys.stderr)
+    if args.summary_out:
+        # The select task's `summary` artifact, wherever this run's MLMD records say it is: a cached
+        # select points at the run that computed it, not at a path under this run's id (components/mlmd.py).
+        try:
+            uri = mlmd.run_output_uri(args.mlmd_endpoint, run_id, task="select", output="summary")
+        except mlmd.OutputNotFound as e:
+            print(f"submit: cannot find the run's summary: {e}", file=sys.stderr)
             return 1
-        summary = json.loads(store.get_object(cluster.MINIO_BUCKET, keys[0]).read())
-        summary["run"] = {"id": run_id, "url": url, "arguments": params}
+        bucket, key = parse_uri(uri)
+        summary = json.loads(client_from_env(args.s3_endpoint).get_object(bucket, key).read())
+        summary["run"] = {"id": run_id, "url": url, "arguments": params, "summary_uri": uri}
         Path(args.summary_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_out).write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary)
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
     r.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
                    help="torchvision GTSRB root (contains gtsrb/GTSRB/...); downloaded there if absent")
     r.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
-    r.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    r.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help="0 (default): the recipe's length, ~300k images seen (15 epochs of gtsrb-dev, 9 of full GTSRB)")
     r.add_argument("--arch", default=DEFAULT_ARCH)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated backend names")
@@ -265,9 +268,13 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=int, default=5400, help="seconds to wait for the run to finish")
     s.add_argument("--package", default="pipeline.yaml", help="where to write the compiled IR")
     s.add_argument("--summary-out", help="copy the run's summary.json here from KFP's object store "
-                   "(needs --s3-endpoint and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+                   "(needs --mlmd-endpoint, --s3-endpoint and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     s.add_argument("--s3-endpoint", default=os.environ.get("S3_ENDPOINT", "127.0.0.1:9000"),
-                   help="host:port of KFP's object store (`make pipeline` port-forwards svc/minio-service there)")
+                   help="host:port of KFP's object store, SeaweedFS's S3 API (`make pipeline` port-forwards "
+                   "svc/minio-service there)")
+    s.add_argument("--mlmd-endpoint", default=os.environ.get("MLMD_ENDPOINT", "127.0.0.1:8089"),
+                   help="host:port of KFP's ML Metadata gRPC API, where the summary's URI is found "
+                   "(`make pipeline` port-forwards svc/metadata-grpc-service there)")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(compile_pipeline(args.output))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from components.evaluate import percentile
+from components.measure import percentile
 from components.serving.client import MODEL_NAME, free_port, predictor_command, stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,15 +3,16 @@
 Each backend has a name, a one-line description, how it is enabled, its arithmetic precision
 and an availability check. ``get(name).prepare(model, example)`` turns an eval-mode fp32 model
 into a callable mapping a normalized float32 batch (N x 3 x 32 x 32) to float32 logits; it never
-modifies ``model`` and makes its first call on ``example`` (so lazy initialisation and
-compilation are part of the preparation, not of the first timed run). Backends that need
-calibration images (``needs_calibration``) take them as ``prepare(..., calibration=images)``.
+modifies ``model`` and makes its first call on a batch of ``example``'s shape (so lazy
+initialisation and compilation are part of the preparation, not of the first timed run).
+Backends that need calibration images (``needs_calibration``) take them as
+``prepare(..., calibration=images)``.
 
+No backend reports a precision it did not compute in: preparing compares its logits with fp32's
+on a probe batch, and a "bf16" or "int8" backend whose logits are fp32's (or an "fp32" one whose
+are not) raises :class:`PrecisionNotComputed`, so it is reported skipped with that reason.
 Unavailable backends stay registered and say why (``unavailable()`` returns the reason), so a
-benchmark reports them as skipped instead of dropping them. A backend whose speed-up this CPU
-cannot deliver but whose library would silently run it anyway (oneDNN bf16 fast math on a CPU
-without bf16 support quietly computes in fp32) is reported unavailable rather than measured as
-a fake "bf16" result.
+benchmark reports them as skipped instead of dropping them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,56 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+class PrecisionNotComputed(BackendUnavailable):
+    """Preparing showed that the backend does not compute in the precision it names."""
+
+
 def _usable() -> str | None:
+    return None
+
+
+# How far a backend's logits may lie from fp32's, as the relative RMS error ||got - fp32|| / ||fp32||
+# on the probe batch. fp32 backends differ only by summation order (~1e-6 here).
+# bf16 (8-bit significand) and int8 (256 levels) round every weight and activation to about
+# 2^-8 of its magnitude: a network computed in them lands near 1e-2. The floor between the two
+# (2^-13: 32x below a single bf16 rounding, 100x above fp32's reordering) tells a reduced-precision
+# run from fp32 in disguise; the ceiling says the backend computes something else.
+REDUCED_FLOOR = 2.0 ** -13
+REDUCED_CEILING = 0.25
+ERROR_BANDS = {"fp32": (0.0, REDUCED_FLOOR), "bf16": (REDUCED_FLOOR, REDUCED_CEILING),
+               "int8": (REDUCED_FLOOR, REDUCED_CEILING)}
+
+
+PROBE_SEED = 0
+
+
+def probe_batch(example: torch.Tensor) -> torch.Tensor:
+    """Seeded standard-normal images of ``example``'s shape: every layer sees varied values, also
+    where the caller's example is blank (the predictor prepares on zeros)."""
+    return torch.randn(example.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| over the whole batch of logits (float64)."""
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def precision_problem(precision: str, got: torch.Tensor, fp32: torch.Tensor) -> str | None:
+    """Why logits ``got`` cannot have been computed in ``precision`` given the fp32 logits of the
+    same batch, or None if they lie in that precision's band (:data:`ERROR_BANDS`)."""
+    if precision not in ERROR_BANDS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(ERROR_BANDS)}")
+    low, high = ERROR_BANDS[precision]
+    error = relative_error(got, fp32)
+    if not torch.isfinite(got).all():
+        return f"its logits are not all finite (claims {precision})"
+    if error < low:
+        return (f"claims {precision} but its logits differ from fp32 by {error:.1e} (relative RMS), below "
+                f"the {low:.1e} that {precision} rounding gives: it computed in fp32")
+    if error > high:
+        return (f"its logits differ from fp32 by {error:.1e} (relative RMS), above the {high:.1e} that "
+                f"{precision} rounding explains: it computes a different function")
     return None
 
 
@@ -58,6 +108,10 @@ class Backend:
     needs_calibration: bool = False
 
     def prepare(self, model: nn.Module, example: torch.Tensor, calibration: torch.Tensor | None = None) -> Predict:
+        """The backend's predict function, checked on :func:`probe_batch` (``example``'s shape, so
+        a shape-specialising backend compiles for it) against the fp32 model: its logits must
+        differ from fp32 the way its precision does (:func:`precision_problem`), else
+        :class:`PrecisionNotComputed`."""
         reason = self.unavailable()
         if reason:
             raise BackendUnavailable(f"backend {self.name!r} is unavailable here: {reason}")
@@ -65,33 +119,33 @@ class Backend:
             raise ValueError(f"backend {self.name!r} needs calibration images: "
                              "prepare(model, example, calibration=<normalized N x 3 x 32 x 32 training images>)")
         model = copy.deepcopy(model).eval()
+        probe = probe_batch(example)
+        with torch.inference_mode():
+            fp32 = model(probe)
         predict = self.build(model, example, calibration)
-        predict(example)
+        problem = precision_problem(self.precision, predict(probe), fp32)
+        if problem:
+            raise PrecisionNotComputed(f"backend {self.name!r} {problem}")
         return predict
 
 
 # --------------------------------------------------------------------------- oneDNN switches
 @contextmanager
-def onednn(enabled: bool, fp32_precision: str | None = None) -> Iterator[None]:
-    """Switch oneDNN (and, if given, its fp32 math mode for conv + matmul) for a block, then restore.
-
-    Sets the ``torch.backends.mkldnn`` properties directly: ``torch.backends.mkldnn.flags()``
-    also resets the deprecated TF32 switch and warns on every call.
-    """
+def onednn(enabled: bool) -> Iterator[None]:
+    """Switch oneDNN on or off for a block, then restore. Sets ``torch.backends.mkldnn.enabled``
+    directly: ``torch.backends.mkldnn.flags()`` also resets the deprecated TF32 switch and warns
+    on every call."""
     mkldnn = torch.backends.mkldnn
-    previous = (mkldnn.enabled, mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision)
-    mkldnn.enabled = enabled
-    if fp32_precision:
-        mkldnn.conv.fp32_precision = mkldnn.matmul.fp32_precision = fp32_precision
+    previous, mkldnn.enabled = mkldnn.enabled, enabled
     try:
         yield
     finally:
-        mkldnn.enabled, mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision = previous
+        mkldnn.enabled = previous
 
 
-def _run_with(fn: Predict, enabled: bool, fp32_precision: str | None = None) -> Predict:
+def _run_with(fn: Predict, enabled: bool) -> Predict:
     def run(x: torch.Tensor) -> torch.Tensor:
-        with onednn(enabled, fp32_precision), torch.inference_mode():
+        with onednn(enabled), torch.inference_mode():
             return fn(x)
     return run
 
@@ -106,7 +160,8 @@ def _onednn(model, example, calibration) -> Predict:
 
 
 def _onednn_bf16(model, example, calibration) -> Predict:
-    return _run_with(model, enabled=True, fp32_precision="bf16")
+    model = model.to(torch.bfloat16, memory_format=torch.channels_last)
+    return _run_with(lambda x: model(_to_bf16(x)).float(), enabled=True)
 
 
 def _channels_last(model, example, calibration) -> Predict:
@@ -122,11 +177,48 @@ def _torchscript(model, example, calibration) -> Predict:
     return _run_with(frozen, enabled=True)
 
 
+@contextmanager
+def _frozen_weights() -> Iterator[None]:
+    """Inductor freezing for the compilations in a block: weights become constants, so inductor
+    folds BatchNorm and prepacks oneDNN (also int8) weights. Set as the global switch, which
+    dynamo reads too (it then treats parameters as static), unlike ``options={'freezing': True}``;
+    a plain attribute swap, as ``config.patch`` costs ~0.1 ms per call."""
+    from torch._inductor import config
+
+    previous, config.freezing = config.freezing, True
+    try:
+        yield
+    finally:
+        config.freezing = previous
+
+
+def _compiled(model: nn.Module, prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              prepare_output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Predict:
+    """``model`` under torch.compile with frozen weights; dynamic=False: one static kernel per
+    batch size (compiled on its first call, 1 and 64 here)."""
+    compiled = torch.compile(model, dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with _frozen_weights():
+            y = compiled(prepare_input(x) if prepare_input else x)
+        return prepare_output(y) if prepare_output else y
+    return _run_with(run, enabled=True)
+
+
 def _compile(model, example, calibration) -> Predict:
-    # freezing: weights become constants, so inductor folds BatchNorm and prepacks oneDNN conv
-    # weights; dynamic=False: one static kernel per batch size (1 and 64 here).
-    compiled = torch.compile(model, dynamic=False, options={"freezing": True})
-    return _run_with(compiled, enabled=True)
+    return _compiled(model)
+
+
+def _to_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16, memory_format=torch.channels_last)
+
+
+def _to_fp32(y: torch.Tensor) -> torch.Tensor:
+    return y.float()
+
+
+def _compile_bf16(model, example, calibration) -> Predict:
+    return _compiled(model.to(torch.bfloat16, memory_format=torch.channels_last), _to_bf16, _to_fp32)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -280,6 +372,89 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
+# --------------------------------------------------------------------------- PyTorch int8 (PT2E)
+CALIBRATION_BATCH = 64
+
+
+def pt2e_fp32_ends(model: nn.Module) -> list[str]:
+    """The first conv and the last linear layer (module names): kept in fp32, as fp32_ends does
+    for ONNX Runtime int8."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n in (convs[:1] + linears[-1:])]
+
+
+def _pt2e_quantizer(model: nn.Module):
+    """PyTorch's inductor int8 quantizer for this CPU (torchao's PT2E): u8 activations with
+    MinMax calibration (as ORT's), s8 per-channel weights (7-bit without VNNI, as int8_types)."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    if ARM:
+        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
+            ArmInductorQuantizer as Quantizer,
+        )
+        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
+            get_default_arm_inductor_quantization_config as default_config,
+        )
+    else:
+        Quantizer, default_config = x86.X86InductorQuantizer, x86.get_default_x86_inductor_quantization_config
+    config = default_config(reduce_range=int8_types()[2]) if not ARM else default_config()
+    activation = dataclasses.replace(config.input_activation,
+                                     observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
+    config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    quantizer = Quantizer().set_global(config)
+    for name in pt2e_fp32_ends(model):
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+class _ChannelAffine(nn.Module):
+    """An eval-mode BatchNorm2d as what it computes: x * scale + shift per channel."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", (bn.bias.detach() - bn.running_mean * scale).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+
+def _batchnorm_as_affine(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d replaced by :class:`_ChannelAffine` (in place). The PT2E convert step
+    tries to fold each batch_norm it finds into a preceding conv by matching dozens of traced
+    patterns (~1 min here; SignNet's BN follows a max-pool, so nothing folds anyway)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, _ChannelAffine(child))
+        else:
+            _batchnorm_as_affine(child)
+    return model
+
+
+def _pt2e_int8(model, example, calibration) -> Predict:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    start = time.perf_counter()
+    model = _batchnorm_as_affine(model)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # An example of batch 1 would specialise the batch dimension to 1 (torch.export's 0/1 rule).
+    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).contiguous()
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    observed = prepare_pt2e(exported, _pt2e_quantizer(model))
+    with torch.no_grad():
+        for i in range(0, len(calibration), CALIBRATION_BATCH):
+            observed(calibration[i:i + CALIBRATION_BATCH])
+    quantized = convert_pt2e(observed)
+    print(f"backends: PT2E int8 quantization ({len(calibration)} calibration images) in "
+          f"{time.perf_counter() - start:.1f}s", flush=True)
+    return _compiled(quantized)
+
+
 # --------------------------------------------------------------------------- availability
 def _no_mkldnn() -> str | None:
     return None if torch.backends.mkldnn.is_available() else "this torch build has no oneDNN (mkldnn)"
@@ -291,8 +466,8 @@ def _no_bf16() -> str | None:
         return reason
     need = ("the bf16 extension (bf16 in Features)" if ARM
             else "AVX-512 (avx512bw/vl/dq; avx512_bf16/amx_bf16 in hardware)")
-    return (f"this CPU lacks {need}, so oneDNN ignores bf16 fast math and would silently compute "
-            "in fp32; nothing to measure")
+    return (f"this CPU lacks {need}, so oneDNN has no bf16 kernels for it: bf16 would be emulated "
+            "element by element, slower than fp32; nothing to gain")
 
 
 def _no_compiler() -> str | None:
@@ -300,6 +475,17 @@ def _no_compiler() -> str | None:
 
     compiler = config.cpp.cxx[0] if isinstance(config.cpp.cxx, tuple) and config.cpp.cxx[0] else "g++"
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) on PATH for inductor's CPU codegen"
+
+
+def _no_pt2e() -> str | None:
+    reason = _no_mkldnn() or _no_compiler()
+    if reason:
+        return reason
+    try:
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer  # noqa: F401
+    except ImportError as e:
+        return f"PyTorch's PT2E int8 quantizers live in torchao, which cannot be imported ({e})"
+    return None
 
 
 def _no_onnxruntime() -> str | None:
@@ -337,8 +523,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onednn", "fp32, oneDNN on, NCHW"
             + (" with Arm Compute Library (the learning path's 'ACL')" if ARM else ""),
             "torch.backends.mkldnn.enabled = True (the default)", "fp32", _onednn, _no_mkldnn),
-    Backend("onednn-bf16", "oneDNN with bf16 fast math: fp32 tensors, conv/matmul computed in bf16",
-            "torch.backends.mkldnn.{conv,matmul}.fp32_precision = 'bf16' (like DNNL_DEFAULT_FPMATH_MODE=BF16)",
+    Backend("onednn-bf16", "bf16, oneDNN on, NHWC: bf16 weights and activations (fp32 accumulation), logits "
+            "returned as fp32",
+            "model.to(torch.bfloat16, memory_format=torch.channels_last); x.to(torch.bfloat16, ...)",
             "bf16", _onednn_bf16, _no_bf16),
     Backend("channels-last", "fp32, oneDNN on, NHWC (channels_last) weights and input",
             "model.to(memory_format=torch.channels_last); x.contiguous(memory_format=torch.channels_last)",
@@ -347,8 +534,14 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))",
             "fp32", _torchscript, _no_mkldnn),
     Backend("compile", "fp32, torch.compile inductor CPU codegen with frozen weights (C++/OpenMP + oneDNN)",
-            "torch.compile(model, dynamic=False, options={'freezing': True}); cache: TORCHINDUCTOR_CACHE_DIR",
+            "torch.compile(model, dynamic=False) with torch._inductor.config.freezing = True; "
+            "cache: TORCHINDUCTOR_CACHE_DIR",
             "fp32", _compile, _no_compiler),
+    Backend("compile-bf16", "bf16, torch.compile inductor with frozen weights on the bf16 NHWC model "
+            "(oneDNN bf16 convolutions, fused C++ elementwise code)",
+            "torch.compile(model.to(torch.bfloat16, memory_format=torch.channels_last), dynamic=False) "
+            "with torch._inductor.config.freezing = True",
+            "bf16", _compile_bf16, lambda: _no_bf16() or _no_compiler()),
     Backend("onnxruntime", "fp32, ONNX export (torch.export-based) run by ONNX Runtime's CPU execution provider",
             "torch.onnx.export(dynamo) -> onnxruntime.InferenceSession(CPUExecutionProvider)",
             "fp32", _onnxruntime, _no_onnxruntime),
@@ -356,6 +549,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "on training images: " + _int8_description(),
             "onnxruntime.quantization.quantize_static(QDQ, MinMax calibration) -> CPUExecutionProvider",
             "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True),
+    Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's "
+            + ("ArmInductorQuantizer" if ARM else "X86InductorQuantizer")
+            + ", MinMax calibration on training images, per-channel s8 weights, first and last layer fp32) "
+            "lowered by torch.compile to oneDNN int8 kernels",
+            "torch.export -> torchao prepare_pt2e / convert_pt2e -> torch.compile with freezing",
+            "int8", _pt2e_int8, _no_pt2e, needs_calibration=True),
 )}
 
 

@@ -2,18 +2,20 @@
 
 - :func:`render_inference_service` (pure): a ``serving.kserve.io/v1beta1`` InferenceService whose
   predictor is the serving image as a custom container (``kserve-container``), with STORAGE_URI =
-  the model artifact in MinIO (KServe's storage-initializer copies it to /mnt/models using the S3
-  secret of the predictor's service account), the winning backend and the expected weights
-  sha256 as env, resource requests/limits (one server worker per CPU of the limit) and a
-  readiness probe on the model's V2 ready endpoint.
+  the model artifact in KFP's object store (SeaweedFS's S3 API in KFP 2.17; KServe's
+  storage-initializer copies it to /mnt/models using the S3 secret of the predictor's service
+  account), the winning backend and the expected weights sha256 as env, resource requests/limits
+  (one server worker per CPU of the limit), a readiness probe on the model's V2 ready endpoint and
+  the Recreate deployment strategy (no old pod answers once the new one runs: components/rollout.py).
 - :func:`deploy_model`: checks that the storageUri (the Model artifact's own URI: what was
   measured is what is served) holds the artifact being deployed, creates or replaces the
   InferenceService (applying twice leaves one), waits for Ready with a timeout (failing with the
-  conditions and the predictor's last events), then smoke-tests the predict URL against the same
-  artifact in-process.
+  conditions and the predictor's last events), then for the predictor Deployment to run this
+  model on every replica, checks that the served model names these weights, then smoke-tests the
+  predict URL against the same artifact in-process.
 
-KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...``; KServe reads ``s3://``
-(components.storage maps one to the other).
+KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...`` (a historical scheme name: the
+store is SeaweedFS's S3 API); KServe reads ``s3://`` (components.storage maps one to the other).
 """
 
 
@@ -32,6 +34,7 @@ from kserve.constants.constants import (
 from kubernetes.client import (
     V1Container,
     V1ContainerPort,
+    V1DeploymentStrategy,
     V1EnvVar,
     V1HTTPGetAction,
     V1ObjectMeta,
@@ -40,13 +43,13 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from components import cluster
+from components import cluster, rollout
 from components.kfp_step import step
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
 
 GROUP, VERSION, PLURAL, KIND = (KSERVE_GROUP, KSERVE_V1BETA1_VERSION, KSERVE_PLURAL_INFERENCESERVICE,
                                KSERVE_KIND_INFERENCESERVICE)
-CONTAINER_NAME = "kserve-container"     # KServe reads STORAGE_URI from the container of this name
+CONTAINER_NAME = rollout.CONTAINER_NAME  # KServe reads STORAGE_URI from the container of this name
 MODEL_MOUNT = DEFAULT_MODEL_DIR         # where the storage-initializer puts the storageUri
 HTTP_PORT = 8080
 EVENTS_SHOWN = 10
@@ -101,7 +104,7 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
               f"--workers={serving.cpu_limit}"],
         env=[V1EnvVar(name="STORAGE_URI", value=storage_uri),
              V1EnvVar(name="GTSRB_BACKEND", value=backend),
-             V1EnvVar(name="GTSRB_WEIGHTS_SHA256", value=weights_sha256),
+             V1EnvVar(name=rollout.WEIGHTS_ENV, value=weights_sha256),
              V1EnvVar(name="GTSRB_MAX_BATCH", value=str(serving.max_batch))],
         ports=[V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
         resources=V1ResourceRequirements(
@@ -121,7 +124,8 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
             annotations={"gtsrb/weights-sha256": weights_sha256}),
         spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
             service_account_name=serving.service_account, min_replicas=serving.min_replicas,
-            max_replicas=serving.max_replicas, containers=[container])),
+            max_replicas=serving.max_replicas, containers=[container],
+            deployment_strategy=V1DeploymentStrategy(type="Recreate"))),
     )
     return ApiClient().sanitize_for_serialization(isvc)
 
@@ -240,11 +244,13 @@ def resolve_storage_uri(model_uri: str, weights_sha256: str, client) -> str:
 
 
 # --------------------------------------------------------------------------- deploy
-def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, storage_client,
-                 serving: Serving, timeout: float = 600, smoke=None, **wait_options) -> dict:
+def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, apps_api, storage_client,
+                 serving: Serving, timeout: float = 600, smoke=None, served_metadata=rollout.model_metadata,
+                 clock=time.monotonic, **wait_options) -> dict:
     """Deploy the Model artifact at ``model_uri`` (``model_dir``: KFP's local copy of it) and
     check it; returns the deployment record. ``smoke(url, model_dir, backend, name)`` defaults to
-    components.serving.check.check_endpoint."""
+    components.serving.check.check_endpoint; ``served_metadata(url, name)`` reads the served
+    model's V2 metadata. ``timeout`` covers Ready and the rollout together."""
     from components.model import verified_card
     from components.serving.check import check_endpoint
 
@@ -254,9 +260,17 @@ def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_
     applied = apply_inference_service(custom_api, body)
     print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
           f"{applied['metadata'].get('generation')}), storageUri {storage_uri}, backend {backend}", flush=True)
-    isvc = wait_until_ready(custom_api, core_api, serving.namespace, serving.name, timeout, **wait_options)
-    url = service_url(isvc)
-    print(f"deploy: Ready at {url}; smoke-testing it", flush=True)
+    deadline = clock() + timeout
+    isvc = wait_until_ready(custom_api, core_api, serving.namespace, serving.name, timeout, clock=clock,
+                            **wait_options)
+    try:
+        rollout.wait_for_rollout(apps_api, serving.namespace, serving.name, sha, max(0.0, deadline - clock()),
+                                 clock=clock, **wait_options)
+        url = service_url(isvc)
+        rollout.check_served(served_metadata(url, serving.name), sha, url)
+    except rollout.RolloutError as e:
+        raise DeployError(f"InferenceService {serving.namespace}/{serving.name}: {e}") from e
+    print(f"deploy: Ready at {url}, serving weights {sha[:12]} on every replica; smoke-testing it", flush=True)
     checked = (smoke or check_endpoint)(url, model_dir, backend, serving.name)
     return {"name": serving.name, "namespace": serving.namespace, "url": url, "storage_uri": storage_uri,
             "backend": backend, "weights_sha256": sha, "image": serving.image, "smoke": checked,
@@ -275,7 +289,7 @@ def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Ser
 
     config.load_incluster_config()
     outcome = deploy_model(model_uri, model_dir, backend, client.CustomObjectsApi(), client.CoreV1Api(),
-                           client_from_env(cluster.MINIO_ENDPOINT), serving, timeout=timeout)
+                           client.AppsV1Api(), client_from_env(cluster.MINIO_ENDPOINT), serving, timeout=timeout)
     with open(record_path, "w") as f:
         json.dump(outcome, f, indent=2)
     return outcome

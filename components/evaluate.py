@@ -2,9 +2,10 @@
 
 Per backend: test accuracy; top-1 agreement with the fp32 ``eager`` reference (computed in the
 same process); a confusion matrix; the preparation cost (export / quantization / compilation);
-latency at batch 1 and batch 64 — ``warmup`` untimed runs, then ``runs`` (≥ 50) timed runs of
-the same batch: median, p90, p99 and throughput — with a fixed, recorded thread count. A backend
-that is unavailable here is reported as skipped with its reason.
+latency at batch 1 and batch 64 — ``runs`` (≥ 50) timed runs of the same batch in ``ROUNDS``
+rounds (``components.measure``): median of the round medians, p90, p99 and throughput — with a
+fixed, recorded thread count. A backend that is unavailable here, or that does not compute in the
+precision it names (checked when it is prepared), is reported as skipped with its reason.
 
 Accuracy passes run in batches of ``EVAL_BATCH`` (the last one padded), so a shape-specialising
 backend (``compile``) only ever sees the two latency batch sizes.
@@ -13,7 +14,6 @@ backend (``compile``) only ever sees the two latency batch sizes.
 
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +25,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 from components import backends
 from components.kfp_step import step
+from components.measure import batch_of, interleaved, latency_stats
 from components.model import NUM_CLASSES, calibration_images, load_model_artifact, normalize
 from components.preprocess import load_split
 from components.runtime import set_threads
@@ -32,6 +33,8 @@ from components.runtime import set_threads
 LATENCY_BATCHES = (1, 64)
 EVAL_BATCH = 64
 MIN_RUNS = 50
+ROUNDS = 10          # timed runs come in this many rounds; the latency is the median of the round medians
+WARMUP = 3           # untimed runs before each round's timed runs
 
 
 @dataclass
@@ -56,13 +59,6 @@ def load_eval_data(model_dir: str | Path, data_dir: str | Path) -> EvalData:
     return EvalData(model, card, normalize(test["images"], norm["mean"], norm["std"]), test["labels"], Path(model_dir))
 
 
-def batch_of(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """The first ``batch`` images of ``x`` (repeated when there are fewer), contiguous."""
-    if len(x) < batch:
-        x = x.repeat(batch // len(x) + 1, 1, 1, 1)
-    return x[:batch].contiguous()
-
-
 def predict_all(predict, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
     """Top-1 class of every image, in chunks of exactly ``batch`` (the last chunk padded)."""
     out = []
@@ -75,35 +71,13 @@ def predict_all(predict, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tens
     return torch.cat(out)
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
-
-
-def latency_stats(times_ms: list[float], batch: int, flops_per_image: int | None = None) -> dict:
-    times = sorted(times_ms)
-    median = statistics.median(times)
-    stats = {"batch": batch, "runs": len(times), "median_ms": median, "p90_ms": percentile(times, 90),
-             "p99_ms": percentile(times, 99), "min_ms": times[0], "images_per_second": batch / median * 1000}
-    if flops_per_image:
-        stats["gflops_per_second"] = flops_per_image * batch / median / 1e6
-    return stats
-
-
-def time_runs(predict, sample: torch.Tensor, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        predict(sample)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(sample)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def time_batches(predict, x: torch.Tensor, batch: int, runs: int = MIN_RUNS, warmup: int = 10,
-                 flops_per_image: int | None = None) -> dict:
-    return latency_stats(time_runs(predict, batch_of(x, batch), runs, warmup), batch, flops_per_image)
+def time_latency(predict, x: torch.Tensor, flops_per_image: int | None, runs: int = MIN_RUNS,
+                 warmup: int = WARMUP) -> dict:
+    """Latency at each of LATENCY_BATCHES: ``runs`` timed runs per batch size in ROUNDS rounds,
+    the batch sizes alternating round by round (``warmup`` untimed runs before each)."""
+    samples = {b: batch_of(x, b) for b in LATENCY_BATCHES}
+    times = interleaved({"": predict}, samples, ROUNDS, -(-runs // ROUNDS), warmup)
+    return {f"batch{b}": latency_stats(times["", b], b, flops_per_image) for b in LATENCY_BATCHES}
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> list[list[int]]:
@@ -126,9 +100,9 @@ def describe(name: str) -> dict:
             "precision": spec.precision, "needs_calibration": spec.needs_calibration}
 
 
-def skipped(name: str) -> dict | None:
-    """A skipped result if ``name`` cannot run here, else None."""
-    reason = backends.get(name).unavailable()
+def skipped(name: str, reason: str | None = None) -> dict | None:
+    """A skipped result if ``name`` cannot run here (or ``reason`` says why it did not), else None."""
+    reason = reason or backends.get(name).unavailable()
     if reason is None:
         return None
     print(f"evaluate: {name}: skipped ({reason})", flush=True)
@@ -152,8 +126,12 @@ def reference_predictions(data: EvalData) -> torch.Tensor:
 def prepare_and_score(name: str, data: EvalData, reference: torch.Tensor,
                       threads: int) -> tuple[object, torch.Tensor, dict]:
     """Prepare backend ``name`` and score it on the test split: (predict, predictions, result
-    without latency)."""
-    predict, seconds = prepare_timed(name, data)
+    without latency); (None, None, skipped result) if preparing showed it cannot run as described
+    (e.g. it does not compute in its precision)."""
+    try:
+        predict, seconds = prepare_timed(name, data)
+    except backends.BackendUnavailable as e:
+        return None, None, skipped(name, str(e))
     predictions = predict_all(predict, data.x)
     needs_calibration = backends.get(name).needs_calibration
     result = {**describe(name), "status": "ok", **quality(predictions, reference, data.y), **environment(threads),
@@ -175,7 +153,7 @@ def environment(threads: int) -> dict:
 
 
 def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int = 0, runs: int = MIN_RUNS,
-                     warmup: int = 10) -> dict:
+                     warmup: int = WARMUP) -> dict:
     """Measure ``backend``; returns a JSON-serialisable result (status ok or skipped)."""
     if runs < MIN_RUNS:
         raise ValueError(f"runs={runs}: latency needs at least {MIN_RUNS} timed runs")
@@ -185,8 +163,9 @@ def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int =
     threads = set_threads(threads or None)
     data = load_eval_data(model_dir, data_dir)
     predict, predictions, result = prepare_and_score(backend, data, reference_predictions(data), threads)
-    latency = {f"batch{b}": time_batches(predict, data.x, b, runs, warmup, result["flops_per_image"])
-               for b in LATENCY_BATCHES}
+    if predict is None:
+        return result
+    latency = time_latency(predict, data.x, result["flops_per_image"], runs, warmup)
     result.update(latency=latency, confusion_matrix=confusion_matrix(data.y, predictions))
     print(f"evaluate: {backend}: accuracy {result['accuracy']:.2f}% agreement {result['agreement']:.2f}% "
           f"prepare {result['prepare_seconds']:.1f}s "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
 
+from components import confusion
 from components.kfp_step import step
 
 TIE_BREAK_BATCH = 64
@@ -83,7 +84,7 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
     verdicts[winner["backend"]] = f"winner: {median_ms(winner, serving_batch):.3f} ms median at batch {serving_batch}"
     for r in ranked[1:]:
         verdicts[r["backend"]] = _loser_verdict(r, winner, serving_batch)
-    return {
+    selection = {
         "winner": winner["backend"],
         "rule": RULE.format(tol=accuracy_tolerance, agree=min_agreement, batch=serving_batch),
         "parameters": {"accuracy_tolerance": accuracy_tolerance, "min_agreement": min_agreement,
@@ -92,6 +93,9 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
         "backends": {r["backend"]: {k: v for k, v in {**r, "verdict": verdicts[r["backend"]]}.items()
                                     if k != "confusion_matrix"} for r in results},
     }
+    if "confusion_matrix" in winner:      # the winner's test errors in words: per class, most-confused pairs
+        selection["quality"] = confusion.analysis(winner["confusion_matrix"])
+    return selection
 
 
 # --------------------------------------------------------------------------- the results table
@@ -160,6 +164,8 @@ def markdown_report(selection: dict, chart_png: bytes | None = None) -> str:
                      + (f", {flops / 1e6:.1f} MFLOP per image (FlopCounterMode)." if flops else ".") + "\n")
     lines.append("## Why the others lost\n\n" + "\n".join(
         f"- `{name}`: {r['verdict']}" for name, r in selection["backends"].items() if name != winner) + "\n")
+    if "quality" in selection:
+        lines.append(confusion.markdown(selection["quality"]))
     if chart_png:
         lines.append(f"![latency chart](data:image/png;base64,{base64.b64encode(chart_png).decode()})\n")
     return "\n".join(lines)

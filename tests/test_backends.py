@@ -1,5 +1,6 @@
 """The backend registry: every backend computes the eager model's function, or says why it cannot run."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -34,8 +35,9 @@ def test_registry_names_every_backend_of_the_issue_with_its_facts():
         assert spec.precision in {"fp32", "bf16", "int8"}
         reason = spec.unavailable()
         assert reason is None or (isinstance(reason, str) and len(reason) > 10), name
-    assert {BACKENDS[n].precision for n in ("onednn-bf16", "onnxruntime-int8")} == {"bf16", "int8"}
-    assert [n for n, s in BACKENDS.items() if s.needs_calibration] == ["onnxruntime-int8"]
+    assert {n: s.precision for n, s in BACKENDS.items() if s.precision != "fp32"} == {
+        "onednn-bf16": "bf16", "compile-bf16": "bf16", "onnxruntime-int8": "int8", "pt2e-int8": "int8"}
+    assert [n for n, s in BACKENDS.items() if s.needs_calibration] == ["onnxruntime-int8", "pt2e-int8"]
 
 
 def test_unknown_backend_lists_the_known_ones():
@@ -55,7 +57,7 @@ def test_bf16_availability_is_torchs_own_hardware_check():
     reason = BACKENDS["onednn-bf16"].unavailable()
     assert (reason is None) == supported
     if not supported:
-        assert "silently compute in fp32" in reason
+        assert "bf16 would be emulated" in reason
 
 
 def _check_same_function(name, model, x):
@@ -89,10 +91,10 @@ def test_eager_and_onednn_really_switch_onednn_and_do_not_warn(model_and_batch):
     seen = []
     with backends.onednn(False):
         seen.append(torch.backends.mkldnn.enabled)
-        with backends.onednn(True, "bf16"):
-            seen.append((torch.backends.mkldnn.enabled, torch.backends.mkldnn.conv.fp32_precision))
-        seen.append((torch.backends.mkldnn.enabled, torch.backends.mkldnn.conv.fp32_precision))
-    assert seen == [False, (True, "bf16"), (False, "none")]
+        with backends.onednn(True):
+            seen.append(torch.backends.mkldnn.enabled)
+        seen.append(torch.backends.mkldnn.enabled)
+    assert seen == [False, True, False]
     assert torch.backends.mkldnn.enabled is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")      # the old torch.backends.mkldnn.flags() warned about TF32 per call
@@ -167,3 +169,93 @@ def test_server_workers_reuse_the_onnx_export_their_parent_shared(model_and_batc
                             text=True, timeout=300, env=os.environ.copy())
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert worker.stdout.splitlines()[-1] == str(path) and "exported ONNX" not in worker.stdout
+
+
+# --------------------------------------------------------------------------- precision checks
+def _bf16(model, x):
+    """The model really computed in bf16 (ATen's bf16 kernels exist on every CPU, fast or not)."""
+    with torch.inference_mode():
+        return copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+
+
+def _int8_weights(model):
+    """fp32 model whose conv / linear weights are rounded to 255 per-channel levels: int8 rounding."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                scale = m.weight.abs().amax(dim=tuple(range(1, m.weight.dim())), keepdim=True) / 127
+                m.weight.copy_((m.weight / scale).round().clamp(-127, 127) * scale)
+    return model
+
+
+def test_the_precision_check_rejects_fp32_in_disguise_and_accepts_real_rounding(model_and_batch):
+    model, x, _ = model_and_batch
+    with torch.inference_mode():
+        fp32 = model(x)
+        reordered = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        int8ish = _int8_weights(model)(x)
+    model.to(memory_format=torch.contiguous_format)
+    assert backends.relative_error(fp32, fp32) == 0.0 and 0 < backends.relative_error(reordered, fp32) < 1e-5
+    for claimed in ("bf16", "int8"):
+        for disguise in (fp32, reordered):                   # fp32 outputs, whatever the kernels
+            problem = backends.precision_problem(claimed, disguise, fp32)
+            assert problem.startswith(f"claims {claimed} but its logits differ from fp32 by") and "in fp32" in problem
+    real = _bf16(model, x)
+    assert backends.REDUCED_FLOOR * 4 < backends.relative_error(real, fp32) < backends.REDUCED_CEILING / 4
+    assert backends.precision_problem("bf16", real, fp32) is None
+    assert backends.precision_problem("int8", int8ish, fp32) is None
+    assert backends.precision_problem("fp32", reordered, fp32) is None
+    assert "differ from fp32 by" in backends.precision_problem("fp32", real, fp32)   # fp32 that is bf16: rejected
+    assert "computes a different function" in backends.precision_problem("int8", torch.zeros_like(fp32), fp32)
+    assert "not all finite" in backends.precision_problem("bf16", torch.full_like(fp32, float("nan")), fp32)
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        backends.precision_problem("int4", fp32, fp32)
+
+
+def test_a_backend_never_reports_a_precision_it_did_not_compute_in(model_and_batch):
+    model, x, _ = model_and_batch
+    disguised = Backend("fake-bf16", "d", "e", "bf16", lambda m, e, c: m)
+    with pytest.raises(backends.PrecisionNotComputed, match="'fake-bf16' claims bf16 but .* it computed in fp32"):
+        disguised.prepare(model, x)
+    honest = Backend("real-bf16", "d", "e", "bf16", lambda m, e, c: lambda b: _bf16(m, b))
+    assert honest.prepare(model, x)(x).dtype == torch.float32
+    mislabelled = Backend("fp32-that-is-bf16", "d", "e", "fp32", lambda m, e, c: lambda b: _bf16(m, b))
+    with pytest.raises(backends.PrecisionNotComputed, match="differ from fp32"):
+        mislabelled.prepare(model, x)
+
+
+@pytest.mark.skipif(BACKENDS["onednn-bf16"].unavailable() is not None, reason="no bf16 kernels on this CPU")
+def test_onednn_bf16_computes_in_bf16(model_and_batch):
+    model, x, _ = model_and_batch
+    predict = backends.get("onednn-bf16").prepare(model, x)      # passes its own precision check
+    with torch.inference_mode():
+        fp32 = model(x)
+    got = predict(x)
+    assert got.dtype == torch.float32
+    assert backends.REDUCED_FLOOR < backends.relative_error(got, fp32) < 0.05
+    assert (got.argmax(1) == fp32.argmax(1)).float().mean() >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["compile-bf16", "pt2e-int8"])
+def test_compiled_reduced_precision_backends_keep_the_predictions(name, model_and_batch):
+    model, x, calibration = model_and_batch
+    spec = backends.get(name)
+    if spec.unavailable():
+        pytest.skip(spec.unavailable())
+    predict = spec.prepare(model, x, calibration if spec.needs_calibration else None)
+    with torch.inference_mode():
+        fp32 = model(x)
+    for batch in (x, x[:1].contiguous()):
+        assert predict(batch).shape == (len(batch), 43)
+    got = predict(x)
+    assert backends.REDUCED_FLOOR < backends.relative_error(got, fp32) < 0.1
+    assert (got.argmax(1) == fp32.argmax(1)).float().mean() >= 0.95
+
+
+def test_pt2e_keeps_the_first_conv_and_the_last_linear_in_fp32(model_and_batch):
+    model, _, _ = model_and_batch
+    assert backends.pt2e_fp32_ends(model) == ["conv1", "fc2"]          # LPNet
+    from components.model import SignNet
+    assert backends.pt2e_fp32_ends(SignNet()) == ["features.1.0", "head.5"]

@@ -95,9 +95,95 @@ def test_the_base_python_has_one_source():
     assert f"--build-arg BASE_PYTHON={setting('BASE_PYTHON')}" in make("-n", "image-base")
 
 
-def test_kind_never_gets_a_latest_tag():
-    assert ":latest" not in make("-n", "load", "IMAGE_TAG=latest")
-    assert f"{image('train').rsplit(':', 1)[0]}:dev" in make("-n", "load", "IMAGE_TAG=latest")
+def test_kind_never_gets_a_latest_tag_and_local_tags_follow_the_sources():
+    out = make("-n", "load", "IMAGE_TAG=latest")
+    tag = subprocess.run(["bash", ROOT / ".github/scripts/source-tag.sh"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert ":latest" not in out and re.fullmatch(r"git-[0-9a-f]{12}(-dirty-[0-9a-f]{12})?", tag)
+    assert f"{image('train').rsplit(':', 1)[0]}:{tag}" in out
+    assert f"IMAGE_TAG={tag} " in make("-n", "pipeline", "IMAGE_TAG=latest"), "the IR names the images kind loaded"
+    assert ":abc123 " in make("-n", "load", "IMAGE_TAG=abc123") + " ", "CI's IMAGE_TAG (the commit sha) wins"
+
+
+def test_the_source_tag_changes_with_the_image_sources_only(tmp_path):
+    """A copy of the repository's image sources in a fresh git repository: clean -> git-<commit>; an
+    edit under components/ -> -dirty-<hash> (another edit, another hash); an edit elsewhere -> clean."""
+    repo = tmp_path / "repo"
+    for part in ("components", "images", "pyproject.toml", "README.md", ".github/scripts/source-tag.sh"):
+        source, target = ROOT / part, repo / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target, **(
+            {"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {}))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example"}
+    git = lambda *a: subprocess.run(["git", "-C", repo, *a], check=True, capture_output=True, text=True,  # noqa: E731
+                                    env=env).stdout.strip()
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "x")
+    tag = lambda: subprocess.run(["bash", repo / ".github/scripts/source-tag.sh"], capture_output=True,  # noqa: E731
+                                 text=True, check=True).stdout.strip()
+    clean = tag()
+    assert clean == f"git-{git('rev-parse', '--short=12', 'HEAD')}"
+    (repo / "tests").mkdir()
+    (repo / "tests/new_test.py").write_text("x = 1\n")
+    assert tag() == clean, "not in any image"
+    (repo / "components/cluster.py").write_text((repo / "components/cluster.py").read_text() + "# edit\n")
+    first = tag()
+    (repo / "components/new_module.py").write_text("y = 2\n")
+    second = tag()
+    assert first.startswith(f"{clean}-dirty-") and second.startswith(f"{clean}-dirty-") and first != second
+
+
+# --------------------------------------------------------------------------- backends in the images
+# Debian package that puts each command backends.py may look up on PATH.
+DEBIAN_PACKAGE = {"g++": "g++", "c++": "g++", "gcc": "gcc", "cc": "gcc", "clang++": "clang", "clang": "clang"}
+
+
+def commands_backends_look_up(monkeypatch) -> set[str]:
+    """Every command a backend's availability check asks shutil.which for (answered: not found)."""
+    from components import backends
+
+    asked = set()
+    monkeypatch.setattr(backends.shutil, "which", lambda name, *a, **k: asked.add(name))
+    for backend in backends.BACKENDS.values():
+        backend.unavailable()
+    return asked
+
+
+def final_stage_packages(dockerfile: str) -> set[str]:
+    """Packages `apt-get install`ed in the last stage of a Dockerfile (the image that ships)."""
+    final = re.split(r"^FROM ", dockerfile, flags=re.MULTILINE)[-1].replace("\\\n", " ")
+    return {word for line in re.findall(r"apt-get install ([^&;\n]+)", final)
+            for word in line.split() if not word.startswith("-")}
+
+
+def backend_image_problems(commands: set[str], base: str, steps: dict[str, str]) -> list[str]:
+    installed = final_stage_packages(base)
+    problems = [f"gtsrb-base's final stage lacks {DEBIAN_PACKAGE.get(c, '?')} for `{c}`" for c in sorted(commands)
+                if DEBIAN_PACKAGE.get(c) not in installed]
+    return problems + [f"images/{step} does not start from gtsrb-base" for step, text in steps.items()
+                       if "FROM ${BASE_IMAGE}" not in text]
+
+
+def test_the_images_that_run_backends_provide_what_backends_py_checks_for(monkeypatch):
+    """evaluate races every backend; serve (the smoke step too) and deploy (its in-process reference)
+    run the winner, which may be `compile`: inductor needs a C++ compiler at run time."""
+    commands = commands_backends_look_up(monkeypatch)
+    assert "g++" in commands or "c++" in commands, commands
+    steps = {s: (ROOT / f"images/{s}/Dockerfile").read_text() for s in ("evaluate", "serve", "deploy")}
+    assert backend_image_problems(commands, (ROOT / "images/base/Dockerfile").read_text(), steps) == []
+
+
+def test_the_backend_image_check_catches_a_compiler_left_in_the_builder_stage(monkeypatch):
+    base = (ROOT / "images/base/Dockerfile").read_text()
+    assert "--no-install-recommends g++" in base
+    builder_only = base.replace("--no-install-recommends g++", "--no-install-recommends tzdata").replace(
+        "install -y --no-install-recommends gcc libc6-dev", "install -y --no-install-recommends gcc g++ libc6-dev")
+    commands = commands_backends_look_up(monkeypatch)
+    assert backend_image_problems(commands, builder_only, {"evaluate": "FROM python:3.11-slim\n"}) == [
+        f"gtsrb-base's final stage lacks g++ for `{c}`" for c in sorted(commands)] + [
+        "images/evaluate does not start from gtsrb-base"]
 
 
 # --------------------------------------------------------------------------- names
@@ -134,7 +220,8 @@ def name_problems(objects: dict[str, dict]) -> list[str]:
         problems.append(f"no RoleBinding for {cluster.NAMESPACE}/{cluster.DEPLOYER_SERVICE_ACCOUNT}")
     rules = objects.get("Role/gtsrb-deployer", {}).get("rules", [])
     granted = {(resource, verb) for r in rules for resource in r["resources"] for verb in r["verbs"]}
-    needed = {("inferenceservices", v) for v in ("get", "create", "update")} | {("events", "list")}
+    needed = ({("inferenceservices", v) for v in ("get", "create", "update")} | {("events", "list")}
+              | {("deployments", "get")})                 # components/rollout.py reads the predictor's Deployment
     if not needed <= granted:
         problems.append(f"Role gtsrb-deployer lacks {sorted(needed - granted)}")
     return problems
@@ -172,10 +259,76 @@ def test_make_n_pipeline_prints_the_whole_sequence_and_runs_nothing(tmp_path):
     assert "kubectl --context kind-gtsrb" in out and "kubectl apply" not in out, "only the kind cluster"
 
 
-def test_arm64_hosts_register_qemu_for_mlmd():
+def test_arm64_hosts_register_qemu_for_mlmd_and_verify_it_at_once():
     out = make("-n", "kfp", "EMULATE_AMD64=yes")
-    assert f"docker run --privileged --rm {setting('BINFMT_IMAGE')} --install amd64" in out
-    assert "--install amd64" not in make("-n", "kfp", "EMULATE_AMD64=")
+    install = f"docker run --privileged --rm {setting('BINFMT_IMAGE')} --install amd64"
+    check = "bash .github/scripts/binfmt-check.sh"
+    assert install in out and check in out
+    assert out.index(install) < out.index(check) < out.index("apply -k manifests/kfp"), "before KFP, not 20 min later"
+    amd64 = make("-n", "kfp", "EMULATE_AMD64=")
+    assert "--install amd64" not in amd64 and check not in amd64
+
+
+# tonistiigi/binfmt registers "CF" (+P with QEMU_PRESERVE_ARGV0; cmd/binfmt/main.go); the kernel shows C as "OC".
+BINFMT_ENTRY = ("enabled\ninterpreter /usr/bin/qemu-x86_64\nflags: {flags}\noffset 0\n"
+                "magic 7f454c4602010100000000000000000002003e00\nmask fffffffffffefe00fffffffffffffffffeffffff\n")
+
+
+def binfmt_check(tmp_path, entry: str | None, mounted: bool = True) -> subprocess.CompletedProcess:
+    directory = tmp_path / "binfmt_misc"
+    directory.mkdir()
+    if mounted:
+        (directory / "status").write_text("enabled\n")
+    if entry is not None:
+        (directory / "qemu-x86_64").write_text(entry)
+    return subprocess.run(["bash", ROOT / ".github/scripts/binfmt-check.sh", directory / "qemu-x86_64"],
+                          capture_output=True, text=True, env={**os.environ, "BINFMT_IMAGE": "binfmt:pinned"})
+
+
+@pytest.mark.parametrize("entry, mounted, message", [
+    (BINFMT_ENTRY.format(flags="OC"), True, "flags 'OC' without F (fix binary)"),
+    (BINFMT_ENTRY.format(flags="OCF").replace("enabled", "disabled", 1), True, "is 'disabled', not enabled"),
+    (None, True, "no qemu-x86_64 registration"),
+    (None, False, "binfmt_misc is not mounted"),
+])
+def test_binfmt_check_fails_at_once_with_the_reason(tmp_path, entry, mounted, message):
+    result = binfmt_check(tmp_path, entry, mounted)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    if entry is not None:
+        assert "docker run --privileged --rm binfmt:pinned --uninstall qemu-x86_64" in result.stderr
+
+
+def test_binfmt_check_accepts_a_fix_binary_registration(tmp_path):
+    result = binfmt_check(tmp_path, BINFMT_ENTRY.format(flags="POCF"))
+    assert result.returncode == 0
+    assert "qemu-x86_64 enabled, flags POCF, interpreter /usr/bin/qemu-x86_64" in result.stdout
+
+
+def test_make_kserve_waits_for_cert_managers_webhook_and_hides_no_failure():
+    out = make("-n", "kserve")
+    assert "|| true" not in out
+    steps = ["apply -k manifests/cert-manager", "wait --for=condition=Available deployment --all",
+             "apply --dry-run=server -f manifests/cert-manager/probe-issuer.yaml",
+             "apply --server-side --force-conflicts -k manifests/kserve",
+             "wait --for=condition=Available deployment/kserve-controller-manager"]
+    positions = [out.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), positions
+    assert out.count("bash .github/scripts/retry.sh") == 2
+    probe = yaml.safe_load((ROOT / "manifests/cert-manager/probe-issuer.yaml").read_text())
+    assert probe["kind"] == "Issuer" and probe["metadata"]["namespace"] == "cert-manager"
+    assert "probe-issuer.yaml" not in (ROOT / "manifests/cert-manager/kustomization.yaml").read_text(), "never created"
+
+
+def test_retry_succeeds_once_the_command_does_and_fails_with_its_name_after_the_deadline(tmp_path):
+    counter = tmp_path / "n"
+    flaky = f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}; [ "$n" -ge 2 ]'
+    ok = subprocess.run(["bash", ROOT / ".github/scripts/retry.sh", "30", "0", "flaky thing", "bash", "-c", flaky],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "flaky thing: ok (attempt 3)" in ok.stdout and counter.read_text() == "3\n"
+    failed = subprocess.run(["bash", ROOT / ".github/scripts/retry.sh", "1", "0.2", "webhook", "bash", "-c",
+                             "echo rejected >&2; exit 1"], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "rejected" in failed.stderr
+    assert "retry: webhook: still failing after 1s" in failed.stderr
 
 
 def test_every_cluster_target_has_help():

@@ -1,5 +1,7 @@
-"""`pipeline.py submit` against a stand-in KFP API client and a real S3 server on 127.0.0.1, and the
-pull-request report (.github/scripts/pr_report.py) the pipeline workflow renders from its summary."""
+"""`pipeline.py submit` against a stand-in KFP API client answering with a recorded KFP 2.17 run, a gRPC
+MLMD stand-in serving that run's recorded metadata (tests/fixtures/kfp-2.17-second-run.json: a second
+run whose tasks came from KFP's cache) and a real S3 server on 127.0.0.1, and the pull-request report
+(.github/scripts/pr_report.py) the pipeline workflow renders from its summary."""
 
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ import pytest
 import pipeline
 from components import cluster
 from components.selection import select_winner
+from tests.mlmdserver import mlmd_server, recorded
 from tests.s3server import s3_store
 from tests.test_selection import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_ID = "0b5c3e8e-run"
+RECORDED = recorded()
+RUN_ID = RECORDED["run"]["run_id"]
+# Where the cached select's summary really is: under the first run's id (see the fixture).
+SUMMARY_KEY = f"v2/artifacts/gtsrb-backends/{RECORDED['first_run_id']}/select/7d21c4e9/summary"
 
 
 def summary(winner_b1: float | None = None) -> dict:
@@ -67,6 +73,10 @@ class FakeClient:
         return NS(run_id=self.run_id)
 
     def wait_for_run_completion(self, run_id, timeout, sleep_duration):
+        if self.final_state == "SUCCEEDED":       # the recorded GetRun answer, typed as kfp's client returns it
+            from kfp_server_api import ApiClient
+
+            return ApiClient().deserialize(NS(data=json.dumps(RECORDED["run"])), "V2beta1Run")
         failed = NS(display_name="train", state="FAILED", error=NS(message="OOMKilled"), pod_name="train-pod")
         return NS(state=self.final_state, run_details=NS(task_details=[failed]))
 
@@ -88,20 +98,27 @@ def object_store():
         yield os.environ["S3_ENDPOINT"], client      # s3_store points the environment at its server
 
 
+@pytest.fixture
+def metadata():
+    with mlmd_server(RECORDED["mlmd"]) as (endpoint, store):
+        yield endpoint, store
+
+
 def submit(tmp_path, *extra) -> int:
     return pipeline.main(["submit", "--package", str(tmp_path / "pipeline.yaml"), "--host", "http://api:8888",
                           "--ui-host", "http://ui:8080", *extra])
 
 
-def test_submit_uploads_runs_waits_and_downloads_the_summary(kfp_client, object_store, tmp_path, capsys):
+def test_submit_uploads_runs_waits_and_downloads_the_summary(kfp_client, object_store, metadata, tmp_path, capsys):
+    """A second run: select came from the cache, so its summary is under the first run's id, and
+    nothing at all is under this run's id but deploy's record."""
     endpoint, store = object_store
     body = json.dumps(summary()).encode()
-    store.put_object("mlpipeline", f"v2/artifacts/gtsrb-backends/{RUN_ID}/select/salt/summary", io.BytesIO(body),
-                     len(body))
+    store.put_object("mlpipeline", SUMMARY_KEY, io.BytesIO(body), len(body))
     kfp_client.fail_connects = 2
     out = tmp_path / "out" / "summary.json"
     assert submit(tmp_path, "--arg", "epochs=2", "--arg", "deploy_target=kserve", "--arg", 'backends=["eager"]',
-                  "--s3-endpoint", endpoint, "--summary-out", str(out)) == 0
+                  "--s3-endpoint", endpoint, "--mlmd-endpoint", metadata[0], "--summary-out", str(out)) == 0
     assert kfp_client.calls[0] == ("connect", "http://api:8888", "http://ui:8080"), "retried until reachable"
     assert ("upload_pipeline", "gtsrb-backends") in kfp_client.calls
     assert ("run_pipeline", "e1", {"epochs": 2, "deploy_target": "kserve", "backends": ["eager"]}, "p1", "v1") \
@@ -111,6 +128,7 @@ def test_submit_uploads_runs_waits_and_downloads_the_summary(kfp_client, object_
     assert "winner: onnxruntime" in printed
     written = json.loads(out.read_text())
     assert written["winner"] == "onnxruntime" and written["run"]["id"] == RUN_ID
+    assert written["run"]["summary_uri"] == f"minio://mlpipeline/{SUMMARY_KEY}"
     assert (tmp_path / "pipeline.yaml").is_file(), "compiled first"
 
 
@@ -131,9 +149,13 @@ def test_a_failed_run_exits_non_zero_and_names_the_failed_task(kfp_client, tmp_p
 
 def test_a_run_without_a_summary_artifact_fails(kfp_client, object_store, tmp_path, capsys):
     endpoint, _ = object_store
-    kfp_client.run_id = "a-run-whose-select-step-wrote-nothing"    # moto's state outlives one server
-    assert submit(tmp_path, "--s3-endpoint", endpoint, "--summary-out", str(tmp_path / "s.json")) == 1
-    assert "no select/summary artifact" in capsys.readouterr().err
+    objects = {**RECORDED["mlmd"], "executions": [e for e in RECORDED["mlmd"]["executions"]
+                                                  if e["customProperties"]["task_name"]["stringValue"] != "select"]}
+    with mlmd_server(objects) as (mlmd_endpoint, _):
+        assert submit(tmp_path, "--s3-endpoint", endpoint, "--mlmd-endpoint", mlmd_endpoint,
+                      "--summary-out", str(tmp_path / "s.json")) == 1
+    assert "cannot find the run's summary: no finished execution of task 'select'" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_an_argument_without_a_value_is_refused(kfp_client, tmp_path):

@@ -65,7 +65,8 @@ def test_rendered_inference_service():
     assert body["metadata"]["namespace"] == cluster.NAMESPACE
     assert body["metadata"]["annotations"]["gtsrb/weights-sha256"] == SHA
     predictor = body["spec"]["predictor"]
-    assert predictor["serviceAccountName"] == cluster.SERVICE_ACCOUNT   # carries the MinIO S3 secret
+    assert predictor["serviceAccountName"] == cluster.SERVICE_ACCOUNT   # carries the S3 secret
+    assert predictor["deploymentStrategy"] == {"type": "Recreate"}      # no old pod answers after a redeploy
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"                      # where KServe looks for STORAGE_URI
     assert container["image"] == SERVING.image
@@ -191,13 +192,15 @@ def deploy_ready_seconds():
 
 # --------------------------------------------------------------------------- a fake Kubernetes API
 ISVC_PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/?]+))?")
+DEPLOYMENT_PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/?]+)")
 EVENTS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/events")
 
 
 class FakeCluster:
     """InferenceServices and events in memory, with just enough API-server semantics: 404/409,
     resourceVersion checks on replace, generation bumps on spec changes; its "controller" marks
-    an InferenceService Ready after ``ready_after`` reads when ``ready_url`` is set."""
+    an InferenceService Ready after ``ready_after`` reads when ``ready_url`` is set, and then
+    reports its predictor Deployment rolled out with the InferenceService's container."""
 
     def __init__(self):
         self.objects, self.events, self.writes = {}, [], []
@@ -215,6 +218,9 @@ class FakeCluster:
             events = EVENTS_PATH.match(path)
             if events and method == "GET":
                 return 200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": self.events}
+            deployment = DEPLOYMENT_PATH.match(path)
+            if deployment and method == "GET":
+                return self._deployment(*deployment.groups())
             match = ISVC_PATH.match(path)
             if not match:
                 return 404, status(404, f"no route {method} {path}")
@@ -252,6 +258,20 @@ class FakeCluster:
                 self.writes.append(("replace", key))
                 return 200, obj
             return 405, status(405, "method not allowed")
+
+    def _deployment(self, namespace, name):
+        isvc = self.objects.get((namespace, name.removesuffix("-predictor")))
+        ready = isvc and any(c["type"] == "Ready" and c["status"] == "True"
+                             for c in isvc["status"].get("conditions", []))
+        if not ready:
+            return 404, status(404, f"deployments.apps {name} not found")
+        return 200, {"apiVersion": "apps/v1", "kind": "Deployment",
+                     "metadata": {"name": name, "namespace": namespace, "generation": 1},
+                     "spec": {"replicas": 1, "selector": {},
+                              "strategy": isvc["spec"]["predictor"]["deploymentStrategy"],
+                              "template": {"spec": {"containers": isvc["spec"]["predictor"]["containers"]}}},
+                     "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+                                "availableReplicas": 1}}
 
     def _control(self, obj):
         if self.transition:
@@ -309,7 +329,7 @@ def fake():
         configuration = k8s.Configuration()
         configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
         api = k8s.ApiClient(configuration)
-        yield state, k8s.CustomObjectsApi(api), k8s.CoreV1Api(api)
+        yield state, k8s.CustomObjectsApi(api), k8s.CoreV1Api(api), k8s.AppsV1Api(api)
     finally:
         server.shutdown()
         server.server_close()
@@ -333,7 +353,7 @@ def wait(custom, core, timeout=30):
 
 
 def test_applying_twice_leaves_one_inference_service(fake):
-    state, custom, _ = fake
+    state, custom, _, *_ = fake
     first = deploy.apply_inference_service(custom, render())
     second = deploy.apply_inference_service(custom, render())
     assert list(state.objects) == [(cluster.NAMESPACE, cluster.INFERENCE_SERVICE)]
@@ -347,7 +367,7 @@ def test_applying_twice_leaves_one_inference_service(fake):
 
 
 def test_wait_returns_the_ready_inference_service(fake):
-    state, custom, core = fake
+    state, custom, core, *_ = fake
     state.ready_url, state.ready_after = "http://gtsrb-predictor.kubeflow.svc.cluster.local", 3
     deploy.apply_inference_service(custom, render())
     isvc = wait(custom, core)
@@ -356,7 +376,7 @@ def test_wait_returns_the_ready_inference_service(fake):
 
 
 def test_wait_times_out_with_conditions_and_the_predictors_last_events(fake):
-    state, custom, core = fake
+    state, custom, core, *_ = fake
     state.events = [event("gtsrb-predictor-5d9c-x2", "Pod", "BackOff", "Back-off restarting failed container", 9),
                     event("other-app-7f", "Pod", "Failed", "not ours", 10),
                     event(cluster.INFERENCE_SERVICE, "InferenceService", "InternalError", "fails to reconcile", 3),
@@ -374,7 +394,7 @@ def test_wait_times_out_with_conditions_and_the_predictors_last_events(fake):
 
 
 def test_wait_fails_at_once_when_kserve_cannot_load_the_model(fake):
-    state, custom, core = fake
+    state, custom, core, *_ = fake
     state.transition = "BlockedByFailedLoad"
     deploy.apply_inference_service(custom, render())
     with pytest.raises(deploy.DeployError, match="failed \\(BlockedByFailedLoad\\).*sha256 mismatch"):
@@ -383,7 +403,7 @@ def test_wait_fails_at_once_when_kserve_cannot_load_the_model(fake):
 
 
 def test_api_errors_name_the_operation(fake):
-    _, custom, core = fake
+    _, custom, core, *_ = fake
     with pytest.raises(deploy.DeployError, match="reading InferenceService kubeflow/gtsrb: HTTP 404"):
         wait(custom, core)
 
@@ -404,16 +424,47 @@ def predictor_url(trained_model):
         yield served.url
 
 
+def served_as_artifact(model_dir):
+    """The served model's V2 metadata as the predictor will report it once it implements rollout's
+    contract (test_the_predictor_reports_its_weights_in_its_model_metadata)."""
+    from components.rollout import weights_version
+
+    return lambda url, name: {"name": name, "versions": [weights_version(sha256_file(model_dir / WEIGHTS_FILE))]}
+
+
+def test_the_predictor_reports_its_weights_in_its_model_metadata(trained_model, predictor_url):
+    from components import rollout
+
+    metadata = rollout.model_metadata(predictor_url, cluster.INFERENCE_SERVICE)
+    rollout.check_served(metadata, sha256_file(trained_model / WEIGHTS_FILE), predictor_url)
+
+
+def test_deploy_fails_clearly_when_the_old_model_still_answers(fake, store, trained_model):
+    state, custom, core, apps = fake
+    state.ready_url = "http://gtsrb-predictor.kubeflow.svc.cluster.local"
+    old = {"name": cluster.INFERENCE_SERVICE, "versions": ["sha256:" + "0" * 64]}
+    smoked = []
+    kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
+    storage.upload_artifact(store, trained_model, kfp_uri)
+    with pytest.raises(deploy.DeployError, match=r"kubeflow/gtsrb: http://gtsrb-predictor.kubeflow.svc.cluster.local "
+                                                 r"serves weights 0{64}, not the deployed artifact's [0-9a-f]{64}"):
+        deploy.deploy_model(kfp_uri, str(trained_model), "eager", custom, core, apps, store, SERVING,
+                            timeout=60, poll=0, sleep=lambda s: None, served_metadata=lambda url, name: old,
+                            smoke=lambda *a: smoked.append(a))
+    assert not smoked, "no smoke test against the wrong model"
+
+
 @pytest.mark.slow
 def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predictor_url):
-    state, custom, core = fake
+    state, custom, core, apps = fake
     state.ready_url = predictor_url
     kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
     storage.upload_artifact(store, trained_model, kfp_uri)                # what KFP's launcher stored
     record = None
     for _ in range(2):                                                     # deploying twice leaves one
-        record = deploy.deploy_model(kfp_uri, str(trained_model), "eager", custom, core, store, SERVING,
-                                     timeout=60, poll=0, sleep=lambda s: None)
+        record = deploy.deploy_model(kfp_uri, str(trained_model), "eager", custom, core, apps, store, SERVING,
+                                     timeout=60, poll=0, sleep=lambda s: None, served_metadata=served_as_artifact(
+                                         trained_model))
     assert len(state.objects) == 1
     assert record["storage_uri"] == storage.s3_prefix_uri(kfp_uri) and record["storage_uri"].startswith("s3://")
     assert record["url"] == predictor_url
@@ -426,15 +477,15 @@ def test_deploy_model_from_a_kfp_artifact_uri(fake, store, trained_model, predic
 
 
 def test_deploy_serves_only_an_artifact_in_the_object_store(fake, store, trained_model):
-    state, custom, core = fake
+    state, custom, core, apps = fake
     with pytest.raises(deploy.DeployError, match="is not in the object store"):
-        deploy.deploy_model(str(trained_model), str(trained_model), "eager", custom, core, store, SERVING,
+        deploy.deploy_model(str(trained_model), str(trained_model), "eager", custom, core, apps, store, SERVING,
                             timeout=60, poll=0, sleep=lambda s: None)
     assert not state.objects, "nothing applied"
 
 
 def test_deploy_refuses_a_storage_uri_holding_other_weights(fake, store, trained_model):
-    _, custom, core = fake
+    _, custom, core, *_ = fake
     kfp_uri = f"minio://{cluster.MINIO_BUCKET}/v2/artifacts/gtsrb-backends/{uuid.uuid4().hex}/train/7/model"
     storage.upload_artifact(store, trained_model, kfp_uri)
     with pytest.raises(deploy.DeployError, match="holds weights"):

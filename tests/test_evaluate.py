@@ -5,22 +5,13 @@ import torch
 
 from components import backends, evaluate
 from components.evaluate import (
-    batch_of,
     confusion_matrix,
     evaluate_backend,
-    latency_stats,
     predict_all,
     quality,
 )
 from components.model import NUM_CLASSES, load_model_artifact
 from components.preprocess import load_split
-
-
-def test_latency_statistics_are_exact_on_known_times():
-    stats = latency_stats([float(t) for t in range(100, 0, -1)], batch=64, flops_per_image=1_000_000)
-    assert stats == {"batch": 64, "runs": 100, "median_ms": 50.5, "p90_ms": 90.0, "p99_ms": 99.0, "min_ms": 1.0,
-                     "images_per_second": pytest.approx(64 / 50.5 * 1000),
-                     "gflops_per_second": pytest.approx(64e6 / 50.5e-3 / 1e9)}
 
 
 def test_predict_all_uses_only_full_batches_and_drops_the_padding():
@@ -33,13 +24,6 @@ def test_predict_all_uses_only_full_batches_and_drops_the_padding():
 
     assert torch.equal(predict_all(predict, x), torch.arange(130) % NUM_CLASSES)
     assert shapes == [(64, 3, 2, 2)] * 3
-
-
-def test_batch_of_repeats_a_short_split():
-    x = torch.randn(5, 3, 4, 4)
-    b = batch_of(x, 12)
-    assert b.shape == (12, 3, 4, 4) and b.is_contiguous()
-    assert torch.equal(b[5:10], x) and torch.equal(b[:3], batch_of(x, 3))
 
 
 def test_quality_and_confusion_matrix_count_correctly():
@@ -72,7 +56,7 @@ def test_evaluate_measures_accuracy_agreement_and_latency(onednn_result, trained
     assert cm.trace() / len(labels) * 100 == pytest.approx(r["accuracy"])
     assert set(r["latency"]) == {"batch1", "batch64"}
     for batch, lat in ((1, r["latency"]["batch1"]), (64, r["latency"]["batch64"])):
-        assert lat["batch"] == batch and lat["runs"] == 50
+        assert lat["batch"] == batch and lat["runs"] == 50 and lat["rounds"] == len(lat["round_medians_ms"]) == 10
         assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
         assert lat["images_per_second"] == pytest.approx(batch / lat["median_ms"] * 1000)
     assert r["prepare_seconds"] >= 0 and r["calibration_images"] == 0
@@ -85,6 +69,14 @@ def test_an_unavailable_backend_is_reported_skipped_with_its_reason(monkeypatch,
     r = evaluate_backend(str(trained_model), str(prepared), "fancy")
     assert r == {"backend": "fancy", "description": "a fancy unit", "enabled_by": "magic", "precision": "int4",
                  "needs_calibration": False, "status": "skipped", "reason": "this CPU has no fancy unit"}
+
+
+def test_a_backend_that_does_not_compute_in_its_precision_is_reported_skipped(monkeypatch, trained_model, prepared):
+    fake = backends.Backend("fake-bf16", "fp32 in disguise", "nothing", "bf16", lambda m, e, c: m)
+    monkeypatch.setitem(backends.BACKENDS, "fake-bf16", fake)
+    r = evaluate_backend(str(trained_model), str(prepared), "fake-bf16")
+    assert r["status"] == "skipped" and r["precision"] == "bf16" and "latency" not in r
+    assert "claims bf16 but its logits differ from fp32 by" in r["reason"] and "it computed in fp32" in r["reason"]
 
 
 def test_too_few_timed_runs_are_refused(trained_model, prepared):

@@ -103,6 +103,20 @@ def test_report_shows_table_rule_winner_and_why_each_loser_lost():
     assert "![latency chart](data:image/png;base64," in text
 
 
+def test_the_report_names_the_winners_failing_signs():
+    matrix = [[0] * 43 for _ in range(43)]
+    matrix[37][37], matrix[37][35], matrix[14][14] = 50, 22, 30       # "Go straight or left" taken for "Ahead only"
+    winner = {**result("onnxruntime", 0.5, 20.0), "confusion_matrix": matrix}
+    s = select_winner([result("eager", 1.6, 60.0), winner])
+    assert s["quality"]["most_confused"][0] == {"true_id": 37, "true_name": "Go straight or left",
+                                                "predicted_id": 35, "predicted_name": "Ahead only", "images": 22,
+                                                "share_of_true": 100 * 22 / 72}
+    assert [(r["class_id"], r["images"]) for r in s["quality"]["per_class_accuracy"]] == [(14, 30), (37, 72)]
+    report = markdown_report(s)
+    assert "| 37 Go straight or left | 35 Ahead only | 22 | 30.6 % |" in report
+    assert "| 37 | Go straight or left | 72 | 50 | 69.44 |" in report
+
+
 def test_the_results_table_as_text_for_the_console():
     from components.selection import RUN_COLUMNS, results_table
 

@@ -237,7 +237,7 @@ def by_name(documents: list[dict]) -> dict[str, dict]:
 
 def test_our_resources_render_offline_and_validate():
     documents = kustomize(ROOT / "manifests/gtsrb")
-    assert set(by_name(documents)) == {"Namespace/kubeflow", "Service/minio-service", "Secret/gtsrb-minio-s3",
+    assert set(by_name(documents)) == {"Service/minio-service", "Secret/gtsrb-minio-s3",
                                        "ServiceAccount/gtsrb-kserve", "Role/gtsrb-deployer",
                                        "RoleBinding/gtsrb-deployer"}
     assert not validate(documents)
@@ -245,8 +245,32 @@ def test_our_resources_render_offline_and_validate():
 
 def test_every_plain_manifest_validates():
     plain = [d for path in ROOT.glob("manifests/*/namespace.yaml") for d in yaml.safe_load_all(path.read_text())]
-    assert {d["metadata"]["name"] for d in plain} == {"kubeflow", "kserve"}
+    assert {d["metadata"]["name"] for d in plain} == {"kserve"}
     assert not validate(plain)
+
+
+# KFP 2.17.0's manifests/kustomize/cluster-scoped-resources/namespace.yaml labels its namespace so.
+KFP_NAMESPACE_LABELS = {"pod-security.kubernetes.io/enforce": "baseline",
+                        "pod-security.kubernetes.io/warn": "restricted"}
+
+
+def namespace_problems(documents: list[dict]) -> list[str]:
+    """A Namespace `kubeflow` of ours, applied client-side after KFP's, would drop the labels it lacks."""
+    return [f"Namespace/kubeflow without KFP's label {k}={v}" for d in documents
+            if d["kind"] == "Namespace" and d["metadata"]["name"] == "kubeflow"
+            for k, v in KFP_NAMESPACE_LABELS.items() if d["metadata"].get("labels", {}).get(k) != v]
+
+
+def test_no_manifest_of_ours_strips_kfps_namespace_labels():
+    ours = [d for path in ROOT.glob("manifests/*/*.yaml") for d in yaml.safe_load_all(path.read_text()) if d]
+    assert not namespace_problems(ours + kustomize(ROOT / "manifests/gtsrb"))
+
+
+def test_the_namespace_check_catches_a_bare_kubeflow_namespace():
+    bare = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}}
+    assert namespace_problems([bare]) == ["Namespace/kubeflow without KFP's label pod-security.kubernetes.io/enforce"
+                                          "=baseline", "Namespace/kubeflow without KFP's label "
+                                          "pod-security.kubernetes.io/warn=restricted"]
 
 
 def test_kfp_arm64_component_drops_the_metadata_writer_and_gives_mlmd_time(tmp_path):
@@ -290,32 +314,88 @@ def test_schema_validation_catches_a_wrong_type_and_an_unknown_field():
 
 
 REMOTE = re.compile(r"^\s*-\s*(https?://\S+)", re.MULTILINE)
-PINNED = (re.compile(r"^https://github\.com/[\w.-]+/[\w.-]+/\S+\?ref=v?\d+\.\d+\.\d+(&timeout=\d+s)?$"),
-          re.compile(r"^https://github\.com/[\w.-]+/[\w.-]+/releases/download/v\d+\.\d+\.\d+/[\w.-]+\.yaml$"))
+# A kustomize git base pinned by a full commit; anything else must be allow-listed below.
+PINNED_BASE = re.compile(r"^https://github\.com/[\w.-]+/[\w.-]+/\S+\?ref=[0-9a-f]{40}(&timeout=\d+s)?$")
+PINNED_IMAGE = re.compile(r"^\S+:[\w.-]+@sha256:[0-9a-f]{64}$")
+# References that are still tags, each with the reason (docs/cluster-path.md, "Pins"): their sha256 or
+# digest could not be obtained on the machine that wrote this (no access to GitHub release assets or
+# to the registries), and an invented checksum would be worse than a tag. Remove an entry by pinning it.
+UNPINNED_ALLOWED = {
+    "https://github.com/cert-manager/cert-manager/releases/download/v1.17.0/cert-manager.yaml":
+        "release asset; its sha256 was not obtainable offline (the file is in no git repository)",
+    "https://github.com/kserve/kserve/releases/download/v0.21.0/kserve.yaml":
+        "release asset; its sha256 was not obtainable offline (no v0.21.0 install/ directory in the mirrored repo)",
+    "docker.io/tonistiigi/binfmt:qemu-v8.1.5": "image; no registry access here to read or verify its index digest",
+    "python:3.11.14-slim-bookworm": "image; no registry access here to read or verify its index digest",
+}
 
 
 def remote_resources(kustomizations) -> dict[str, list[str]]:
     return {str(k.relative_to(k.parents[2])): REMOTE.findall(k.read_text()) for k in kustomizations}
 
 
-def unpinned(urls: list[str]) -> list[str]:
-    return [u for u in urls if not any(p.match(u) for p in PINNED)]
+def unpinned(references: list[str], allowed: dict[str, str]) -> list[str]:
+    """Remote bases not pinned by commit, images not pinned by digest, that the allow-list does not name."""
+    return [r for r in references if not (PINNED_BASE.match(r) or PINNED_IMAGE.match(r)) and r not in allowed]
 
 
-def test_remote_bases_are_pinned_to_releases():
-    remote = remote_resources(ROOT.glob("manifests/**/kustomization.yaml"))
-    urls = [u for us in remote.values() for u in us]
-    assert len(urls) == 4, remote       # KFP cluster-scoped + platform-agnostic, cert-manager, KServe
-    assert not unpinned(urls)
-    assert any("kubeflow/pipelines" in u and "ref=2.17." in u for u in urls)
-    assert any("kserve/kserve/releases/download/v0.21." in u for u in urls)
+def pinned_references() -> list[str]:
+    """Every remote kustomize resource and every image images/images.env names (kind-config: kind_config_errors)."""
+    from components.images import setting
+
+    urls = [u for us in remote_resources(ROOT.glob("manifests/**/kustomization.yaml")).values() for u in us]
+    return urls + [setting("BASE_PYTHON"), setting("BINFMT_IMAGE")]
 
 
-def test_the_pin_check_catches_a_branch_and_latest():
-    assert unpinned(["https://github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=master",
-                     "https://github.com/kserve/kserve/releases/latest/download/kserve.yaml"]) == [
-        "https://github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=master",
-        "https://github.com/kserve/kserve/releases/latest/download/kserve.yaml"]
+def test_every_remote_reference_is_pinned_or_allow_listed():
+    references = pinned_references()
+    assert len(references) == 6, references   # KFP x2, cert-manager, KServe; base Python, binfmt
+    assert not unpinned(references, UNPINNED_ALLOWED)
+    assert set(UNPINNED_ALLOWED) <= set(references), "an allow-list entry that names nothing: remove it"
+    kfp = {u.split("?ref=")[1].split("&")[0] for u in references if "kubeflow/pipelines" in u}
+    assert kfp == {"4a3592cb2dd0a91a4652ab93893ec8beda1f3158"}, "both KFP bases at the commit of tag 2.17.0"
+
+
+def test_the_pin_check_catches_a_tag_a_branch_latest_and_an_image_tag():
+    refs = ["https://github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=2.17.0",
+            "https://github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=master",
+            "https://github.com/kserve/kserve/releases/latest/download/kserve.yaml",
+            "docker.io/tonistiigi/binfmt:latest",
+            "https://github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref="
+            "4a3592cb2dd0a91a4652ab93893ec8beda1f3158&timeout=120s",
+            "python:3.11.14-slim-bookworm@sha256:" + "0" * 64]
+    assert unpinned(refs, UNPINNED_ALLOWED) == refs[:4]
+    assert unpinned(["python:3.11.14-slim-bookworm"], {}) == ["python:3.11.14-slim-bookworm"]
+
+
+def test_the_argo_tag_check_runs_before_kfp_is_applied():
+    """Argo comes in through KFP's files as ?ref=v4.0.5: `make kfp` checks the tag still names the
+    commit it named when pinned (tag v4.0.5 -> 0ab1452144d8f4d57c50b37ce50dad218868e950)."""
+    out = run("make", "-n", "kfp", cwd=ROOT).stdout
+    check = ("bash .github/scripts/tag-check.sh https://github.com/argoproj/argo-workflows v4.0.5 "
+             "0ab1452144d8f4d57c50b37ce50dad218868e950")
+    assert check in out and out.index(check) < out.index("apply -k manifests/kfp/cluster-scoped")
+
+
+def git_repository(path: Path, tag: str, annotated: bool) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example"}
+    for cmd in (["init", "-q", str(path)], ["-C", str(path), "commit", "-q", "--allow-empty", "-m", "x"],
+                ["-C", str(path), "tag", *(["-a", "-m", tag] if annotated else []), tag]):
+        subprocess.run(["git", *cmd], check=True, env=env, capture_output=True)
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("annotated", [False, True])
+def test_tag_check_accepts_the_pinned_commit_and_rejects_a_moved_tag(tmp_path, annotated):
+    commit = git_repository(tmp_path / "repo", "v1.0.0", annotated)
+    script = ROOT / ".github/scripts/tag-check.sh"
+    assert run("bash", script, tmp_path / "repo", "v1.0.0", commit).returncode == 0
+    moved = run("bash", script, tmp_path / "repo", "v1.0.0", "f" * 40)
+    assert moved.returncode == 1 and f"now names {commit}, not the pinned {'f' * 40}" in moved.stderr
+    missing = run("bash", script, tmp_path / "repo", "v9.9.9", commit)
+    assert missing.returncode == 1 and "has no tag v9.9.9" in missing.stderr
 
 
 # --------------------------------------------------------------------------- kind-config.yaml
@@ -371,6 +451,11 @@ def kind_config_errors(config: dict) -> list[str]:
                                                             for p in n.get("kubeadmConfigPatches", [])]:
         if not isinstance(yaml.safe_load(patch), dict) or "kind" not in yaml.safe_load(patch):
             errors.append(f"kubeadm patch without a kind: {patch!r}")
+        # kind's own KubeletConfiguration sets imageGCHighThresholdPercent: 100 (GC off; kind v0.32.0,
+        # pkg/cluster/internal/kubeadm/config.go). Below 100 the kubelet may delete `kind load`ed images.
+        elif yaml.safe_load(patch).get("imageGCHighThresholdPercent", 100) < 100:
+            errors.append("a KubeletConfiguration patch turns image garbage collection on: the kubelet may delete "
+                          "the `kind load`ed step images, which no registry has")
     return errors
 
 
@@ -378,6 +463,13 @@ def test_kind_config_matches_kinds_schema():
     config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
     assert not kind_config_errors(config)
     assert [n["role"] for n in config["nodes"]] == ["control-plane"], "one node"
+
+
+def test_kind_config_check_catches_image_garbage_collection():
+    config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
+    config["kubeadmConfigPatches"] = ["kind: KubeletConfiguration\nimageGCHighThresholdPercent: 95\n"
+                                      "imageGCLowThresholdPercent: 90\n"]
+    assert [e for e in kind_config_errors(config) if "garbage collection on" in e]
 
 
 def test_kind_schema_catches_a_typo_a_bad_role_and_an_unpinned_image():

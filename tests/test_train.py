@@ -89,15 +89,39 @@ def test_training_twice_with_one_seed_gives_the_same_weights(prepared, tmp_path)
 
 
 def test_augment_is_reproducible_varied_and_never_mirrors():
-    x = torch.zeros(256, 3, 32, 32)
-    x[..., :16] = 1.0                                    # bright left half, dark right half
-    out = augment(x, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
-    assert torch.equal(out[..., 16:], x[..., 16:])       # never flipped: the right half stays dark
+    images = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)
+    images[..., :16] = 255                               # bright left half, dark right half
+    mean, std = [0.5] * 3, [0.5] * 3
+    out = augment(images, mean, std, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert torch.equal(out, augment(images, mean, std, torch.Generator().manual_seed(0)))
+    assert (out[..., 16:] < 0).all() and (out[..., :16] > 0).all()     # never flipped: the right half stays dark
+    assert torch.equal(out[..., 16:], -out[..., :16])    # white +1, black -1, both times the channel's gain
     gains = out[..., 0, 0]                               # per image and channel
     assert gains.min() >= 0.85 and gains.max() <= 1.15 and gains.std() > 0.05
     assert torch.equal(out[..., :16], gains[..., None, None].expand(-1, -1, 32, 16))
+
+
+def test_augment_gamma_changes_exposure_per_image_within_its_spread():
+    images = torch.full((512, 3, 32, 32), 64, dtype=torch.uint8)            # mid-dark grey, 0.251
+    out = augment(images, [0.0] * 3, [1.0] * 3, torch.Generator().manual_seed(0), gamma=2.0)
+    level = out[:, :, 0, 0]                              # x ** g times a 0.85-1.15 gain, per image and channel
+    x = 64 / 255
+    assert level.min() >= x ** 2 * 0.85 - 1e-6 and level.max() <= x ** 0.5 * 1.15 + 1e-6
+    assert level.mean(1).std() > 0.05, "each image gets its own curve"
+    assert level.mean(1).max() > x * 1.3 and level.mean(1).min() < x / 1.3, "both darker and brighter"
+
+
+def test_augment_geometry_moves_content_but_keeps_the_frame():
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 12:20, 12:20] = 255                     # a centred bright square
+    mean, std = [0.0] * 3, [1.0] * 3
+    still = augment(images, mean, std, torch.Generator().manual_seed(1))
+    moved = augment(images, mean, std, torch.Generator().manual_seed(1), rotate=10, scale=0.1, translate=0.1)
+    centre = lambda x: (x[:, 0] > 0.5).float().nonzero()[:, 1:].float().mean(0)      # noqa: E731
+    assert torch.allclose(centre(still), torch.tensor([15.5, 15.5]))
+    shifts = torch.stack([centre(moved[i:i + 1]) for i in range(64)]) - 15.5
+    assert shifts.abs().max() <= 0.1 * 32 + 1.5 and shifts.std() > 0.5
 
 
 def test_channel_stats_are_per_channel_over_the_training_images():
@@ -119,7 +143,9 @@ def test_recipe_rejects_unknown_parameters_and_architectures():
 
 
 def test_default_model_learns_the_synthetic_signs(prepared, tmp_path):
-    card = train_model(str(prepared), str(tmp_path), TrainConfig(epochs=12, seed=0))
+    # 24 optimizer steps on 258 drawn signs: the recipe's photo augmentation (exposure, warps) is off here
+    # (it needs thousands of steps to pay off); its effect on real signs is measured in docs/model.md.
+    card = train_model(str(prepared), str(tmp_path), TrainConfig(epochs=12, seed=0, overrides={"augment": False}))
     training, data = card["training"], card["data"]
     assert card["architecture"] == DEFAULT_ARCH
     assert training["epochs_run"] == len(training["history"]) == 12 and not training["stopped_by_time_budget"]

@@ -16,6 +16,7 @@ from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 
 from components.serving import listen, worker_metrics
+from components.serving.metadata import report_weights_in_metadata
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -86,6 +87,7 @@ class ServerSettings:
         if getattr(app.state, "gtsrb_configured", False):
             return
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        report_weights_in_metadata()
         worker_metrics.serve_all_workers(app)
         if not self.request_logs:
             app.router.on_startup.append(drop_timing_middleware)

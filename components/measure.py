@@ -1,0 +1,125 @@
+"""Latency measurement that evaluate, bench and bench_serve share.
+
+Timing is taken in rounds: each round times a few runs of a callable after a short warm-up,
+and a round's median is that round's figure. With several backends, every round times each of
+them once, in rotating order (:func:`interleaved`), so load from other processes on a shared
+machine falls on all of them alike. The latency reported is the median of the round medians:
+a noisy round (another process took the cores for a moment) moves one of many round figures,
+not the result. Ratios between two backends come with a 95 % interval from a paired bootstrap
+over rounds (:func:`ratio_interval`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+Predict = Callable[["torch.Tensor"], "torch.Tensor"]   # torch is imported by the callers, after pin_threads()
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def batch_of(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first ``batch`` images of ``x`` (repeated when there are fewer), contiguous."""
+    if len(x) < batch:
+        x = x.repeat(batch // len(x) + 1, 1, 1, 1)
+    return x[:batch].contiguous()
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
+
+
+PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+
+
+def pin_threads() -> dict[str, str]:
+    """Bind each OpenMP thread of torch to one core for the life of the process. The OpenMP
+    runtime reads the binding when torch is imported, so this must run first; settings already in
+    the environment win. Returns the binding in force, empty if torch was already imported (then
+    nothing is changed)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return {}
+    for key, value in PINNED_THREADS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in PINNED_THREADS}
+
+
+def time_runs(predict: Predict, sample: torch.Tensor, runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        predict(sample)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(sample)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def interleaved(predicts: Mapping[str, Predict], samples: Mapping[int, torch.Tensor], rounds: int,
+                runs_per_round: int, warmup: int,
+                on_round: Callable[[int], None] | None = None) -> dict[tuple[str, int], list[list[float]]]:
+    """Times every (backend, batch) once per round, the backends' order rotating by one each
+    round; returns {(name, batch): [[ms of each run] per round]}."""
+    names = list(predicts)
+    times: dict[tuple[str, int], list[list[float]]] = {(n, b): [] for n in names for b in samples}
+    for r in range(rounds):
+        if on_round:
+            on_round(r)
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            for batch, sample in samples.items():
+                times[name, batch].append(time_runs(predicts[name], sample, runs_per_round, warmup))
+    return times
+
+
+def round_medians(rounds: list[list[float]]) -> list[float]:
+    return [statistics.median(r) for r in rounds]
+
+
+def robust_median(rounds: list[list[float]]) -> float:
+    """The median of the round medians."""
+    return statistics.median(round_medians(rounds))
+
+
+def latency_stats(rounds: list[list[float]], batch: int, flops_per_image: int | None = None) -> dict:
+    """Latency figures of one (backend, batch) from its timed rounds: ``median_ms`` is the median
+    of the round medians; p90 / p99 / min are over every timed run."""
+    times = sorted(t for r in rounds for t in r)
+    median = robust_median(rounds)
+    stats = {"batch": batch, "runs": len(times), "rounds": len(rounds), "median_ms": median,
+             "p90_ms": percentile(times, 90), "p99_ms": percentile(times, 99), "min_ms": times[0],
+             "images_per_second": batch / median * 1000, "round_medians_ms": round_medians(rounds)}
+    if flops_per_image:
+        stats["gflops_per_second"] = flops_per_image * batch / median / 1e6
+    return stats
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], confidence: float = CONFIDENCE,
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """median(numerator) / median(denominator) of paired per-round figures (round i of both was
+    measured in the same round), with a ``confidence`` interval from a paired bootstrap over the
+    rounds: (ratio, low, high)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"paired rounds needed: {len(numerator)} vs {len(denominator)}")
+    ratio = statistics.median(numerator) / statistics.median(denominator)
+    rng, n = random.Random(seed), len(numerator)
+    estimates = []
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        estimates.append(statistics.median(numerator[i] for i in pick)
+                         / statistics.median(denominator[i] for i in pick))
+    estimates.sort()
+    tail = (1 - confidence) / 2
+    return ratio, percentile(estimates, 100 * tail), percentile(estimates, 100 * (1 - tail))
