@@ -169,6 +169,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     artifacts.mkdir(parents=True, exist_ok=True)
     # Task subprocesses import `components` from this checkout (the images bake it in instead).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # Unbuffered, so a task's error (stderr) lands in the log after what it printed before (stdout).
+    os.environ["PYTHONUNBUFFERED"] = "1"
     # Tasks run this checkout's code in this environment, not their images: expected here.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
                             category=RuntimeWarning)
