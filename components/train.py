@@ -287,7 +287,7 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
     x_val, y_val = images[val_idx], labels[val_idx]
     val_tracks = len(data["tracks"][val_idx].unique())
 
-    # channels_last: oneDNN's convolutions and batch norm are ~25-35 % faster in NHWC on CPU.
+    # channels_last: oneDNN runs convolutions and batch norm faster in NHWC on CPU (docs/measurements.md).
     model = build_model(config.arch).to(memory_format=torch.channels_last)
     opt = _optimizer(model, recipe)
     epochs = config.epochs or planned_epochs(recipe["train_images"], len(train_idx))
