@@ -72,15 +72,18 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
     with dsl.ParallelFor(backends, parallelism=EVAL_PARALLELISM) as backend:
         evaluation = evaluate(model=trained.outputs["model"], data=data.outputs["data"], backend=backend)
         heavy(evaluation)
-    chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]), model=trained.outputs["model"],
+    chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]),
+                    candidates=dsl.Collected(evaluation.outputs["served"]), model=trained.outputs["model"],
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)
     winner = chosen.outputs["Output"]          # select's return value: the winning backend's name
+    served = chosen.outputs["served"]          # what the winner's evaluation measured (ONNX: that file)
     with dsl.If(deploy_target == "local"):
-        serve(model=trained.outputs["model"], backend=winner)
+        serve(model=served, backend=winner)
     with dsl.Else():                            # "kserve"; the step rejects any other value
-        deployed = deploy(model=trained.outputs["model"], backend=winner,
+        deployed = deploy(model=served, backend=winner,
                           deploy_target=deploy_target, serving_image=image("serve"),
+                          onnx_serving_image=image("serve-onnx"),
                           namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
                           timeout_seconds=DEPLOY_READY_SECONDS)
         deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit

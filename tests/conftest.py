@@ -78,3 +78,17 @@ def compiled_ir(tmp_path_factory) -> Path:
     import pipeline
 
     return Path(pipeline.compile_pipeline(str(tmp_path_factory.mktemp("ir") / "pipeline.yaml")))
+
+
+@pytest.fixture(scope="session")
+def served_onnx(trained_model, tmp_path_factory) -> dict[str, Path]:
+    """``trained_model``'s served artifacts for the ONNX Runtime backends (backend -> directory),
+    written as an evaluation writes them (components/served.py)."""
+    from components import backends
+    from components.served import export_served
+
+    out = tmp_path_factory.mktemp("served")
+    names = [n for n, b in backends.BACKENDS.items() if b.exports == "onnx"]
+    for name in names:
+        export_served(trained_model, name, out / name)
+    return {name: out / name for name in names}

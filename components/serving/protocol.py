@@ -22,6 +22,8 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from PIL import Image
 
+from components import transforms
+
 MAX_IMAGE_PIXELS = 4096 * 4096             # decoded size limit (decompression bombs)
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 V1_KEYS = {"instances", "parameters"}
@@ -36,15 +38,15 @@ class Signature:
     the largest batch the server accepts."""
     input_shape: tuple[int, ...]
     class_names: tuple[str, ...]
-    mean: object                         # torch float32 1 x 3 x 1 x 1
-    std: object
+    mean: np.ndarray                     # float32 1 x 3 x 1 x 1
+    std: np.ndarray
     max_batch: int
 
 
 @dataclass
 class Batch:
     """What preprocess hands to predict: one normalized batch and how to answer it."""
-    x: object                            # torch float32 N x 3 x 32 x 32, normalized
+    x: np.ndarray                        # float32 N x 3 x 32 x 32, normalized
     top_k: int                           # 0 = answer without a top-k list
     v2: InferRequest | None = None       # the V2 request (None for V1)
 
@@ -66,10 +68,8 @@ def decode_base64(value, where: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes, where: str):
-    """Encoded PNG/JPEG/PPM bytes -> uint8 3x32x32 tensor through the training transform."""
-    from components.model import to_uint8_32
-
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded PNG/JPEG/PPM bytes -> uint8 3x32x32 array through the training transform."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in IMAGE_FORMATS:
@@ -80,7 +80,7 @@ def decode_image(data: bytes, where: str):
             if width * height > MAX_IMAGE_PIXELS:
                 _fail(where, f"image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
             image.load()
-            return to_uint8_32(image)
+            return transforms.to_uint8_32(image)
     except InvalidInput:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -128,11 +128,9 @@ def _check_count(n: int, where: str, sig: Signature) -> None:
         _fail(where, f"{n} instances exceed the maximum batch of {sig.max_batch}")
 
 
-def _image(value, where: str, sig: Signature):
-    """A base64 image -> normalized float 3x32x32."""
-    from components.model import normalize
-
-    return normalize(decode_image(decode_base64(value, where), where).unsqueeze(0), sig.mean, sig.std)[0]
+def _image(value, where: str, sig: Signature) -> np.ndarray:
+    """A base64 image -> normalized float32 3x32x32."""
+    return transforms.normalize(decode_image(decode_base64(value, where), where)[None], sig.mean, sig.std)[0]
 
 
 # --------------------------------------------------------------------------- requests
@@ -149,8 +147,6 @@ def parse_request(payload, sig: Signature) -> Batch:
 
 
 def _v1_batch(body, sig: Signature) -> Batch:
-    import torch
-
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with an 'instances' list, "
                            f"got {type(body).__name__}")
@@ -164,20 +160,18 @@ def _v1_batch(body, sig: Signature) -> Batch:
         _fail("instances", f"expected a list, got {type(instances).__name__}")
     _check_count(len(instances), "instances", sig)
     top_k = parse_parameters(body.get("parameters"), len(sig.class_names))
-    x = torch.empty(len(instances), *sig.input_shape)
+    x = np.empty((len(instances), *sig.input_shape), dtype=np.float32)
     for i, instance in enumerate(instances):
         x[i] = _v1_instance(instance, f"instances[{i}]", sig)
     return Batch(x, top_k)
 
 
-def _v1_instance(instance, where: str, sig: Signature):
-    import torch
-
+def _v1_instance(instance, where: str, sig: Signature) -> np.ndarray:
     if isinstance(instance, list):
         array = as_numbers(instance, where)
         if array.shape != sig.input_shape:
             _fail(where, f"array shape {list(array.shape)} is not {list(sig.input_shape)}")
-        return torch.from_numpy(array)
+        return array
     if not isinstance(instance, dict):
         _fail(where, f"expected {{\"image\": {{\"b64\": ...}}}} or a 3x32x32 number array, "
                      f"got {type(instance).__name__}")
@@ -190,8 +184,6 @@ def _v1_instance(instance, where: str, sig: Signature):
 
 
 def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
-    import torch
-
     if len(request.inputs) != 1:
         raise InvalidInput(f"expected exactly one input ('image' or 'input'), got {len(request.inputs)}")
     item = request.inputs[0]
@@ -216,11 +208,11 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
         array = as_numbers(data, where)
         if array.size != int(np.prod(shape)):
             _fail(where, f"{array.size} values do not fill shape {shape}")
-        return Batch(torch.from_numpy(array.reshape(shape)), top_k, request)
+        return Batch(array.reshape(shape), top_k, request)
     if len(shape) != 1 or shape[0] != len(data):
         _fail(where, f"shape {shape} does not match its {len(data)} data elements (expected [N])")
     _check_count(len(data), where, sig)
-    x = torch.empty(len(data), *sig.input_shape)
+    x = np.empty((len(data), *sig.input_shape), dtype=np.float32)
     for i, value in enumerate(data):
         x[i] = _image(value, f"{where} data[{i}]", sig)
     return Batch(x, top_k, request)

@@ -116,12 +116,8 @@ def logging_config(request_logs: bool) -> dict:
 
 def start(model, settings: ServerSettings, workers: int, http_port: int, grpc_port: int,
           enable_grpc: bool) -> None:
-    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket
-    (workers reuse the exports and quantizations this process already made); blocks."""
+    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket; blocks."""
     settings.apply()
     listen.install()
-    if workers > 1:
-        from components import backends
-        backends.share_exports()
     ModelServer(http_port=http_port, grpc_port=grpc_port, workers=workers, enable_grpc=enable_grpc,
                 enable_latency_logging=settings.request_logs).start([model])
