@@ -7,7 +7,8 @@ workers use, read from /proc (Linux).
 Starts ``python -m components.serving`` on a free port of 127.0.0.1 and reports:
 - seconds from process start until ``/v2/models/<name>/ready`` answers 200, and until every
   worker listens (polled every 20 ms), with the load average beside them;
-- per process of the server (the parent, each worker, multiprocessing's resource tracker):
+- per process of the server (the parent, each worker, multiprocessing's forkserver and resource
+  tracker):
   PSS and RSS from ``/proc/<pid>/smaps_rollup`` after ``--requests`` predictions, CPU seconds
   used, and whether libtorch is mapped (``/proc/<pid>/maps``).
 The last line is one JSON object with all of it.
@@ -76,11 +77,23 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def is_worker(pid: int) -> bool:
-    """A KServe server worker (a spawned process running the REST server), not a helper such as
-    multiprocessing's resource tracker."""
-    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return b"--multiprocessing-fork" in command
+def workers_and_helpers(parent: int) -> tuple[list[int], list[int]]:
+    """The server's worker processes (the forkserver's children, or spawned processes) and its
+    helpers (multiprocessing's forkserver and resource tracker)."""
+    workers, helpers = [], []
+    for child in children(parent):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.forkserver" in command:
+            helpers.append(child)
+            workers += children(child)
+        elif b"--multiprocessing-fork" in command:
+            workers.append(child)
+        else:
+            helpers.append(child)
+    return workers, helpers
 
 
 def footprint(pid: int, role: str) -> ProcessFootprint:
@@ -90,18 +103,20 @@ def footprint(pid: int, role: str) -> ProcessFootprint:
 
 
 def server_footprint(parent: int) -> list[ProcessFootprint]:
-    """The parent and each of its child processes."""
+    """The parent, its workers and its helper processes."""
+    workers, helpers = workers_and_helpers(parent)
     out = [footprint(parent, "parent")]
-    for child in children(parent):
-        try:
-            out.append(footprint(child, "worker" if is_worker(child) else "helper"))
-        except OSError:
-            continue
+    for pids, role in ((workers, "worker"), (helpers, "helper")):
+        for pid in pids:
+            try:
+                out.append(footprint(pid, role))
+            except OSError:
+                continue
     return out
 
 
 def listening_workers(parent: int, port: int) -> int:
-    """How many child processes of ``parent`` hold a listening socket on ``port``."""
+    """How many worker processes of ``parent`` hold a listening socket on ``port``."""
     listening = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -109,7 +124,7 @@ def listening_workers(parent: int, port: int) -> int:
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
                 listening.add(fields[9])
     count = 0
-    for child in children(parent):
+    for child in workers_and_helpers(parent)[0]:
         try:
             held = {os.readlink(fd)[8:-1] for fd in glob.glob(f"/proc/{child}/fd/*")}
         except OSError:

@@ -86,8 +86,8 @@ class Runtime:
 
 # The parent verifies and loads the model too, then each worker (cpu_limit of them).
 # torch: 3 processes of torch + KServe, roughly 0.5-1 GiB each.
-# onnx: measured on the slim stack (docs/serving-footprint.md): PSS parent ~110 MB + 2 workers
-# ~135 MB each = ~380 MB; the request is that plus a third, the limit twice it plus batch-64 traffic.
+# onnx: the PSS measured for every process of a 2-worker server (docs/serving-footprint.md) plus
+# headroom in the request, and room in the limit for batch-64 traffic and a worker being replaced.
 RUNTIMES = {"torch": Runtime("serve", "2Gi", "3Gi"),
             "onnx": Runtime("serve-onnx", "512Mi", "1Gi")}
 

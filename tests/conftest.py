@@ -58,6 +58,22 @@ def tampered_model(trained_model, tmp_path) -> Path:
     return artifact
 
 
+@pytest.fixture
+def uncalibrated_model(trained_model, tmp_path) -> Path:
+    """A copy of ``trained_model`` as written before calibration.pt existed (the card names none)."""
+    import json
+    import shutil
+
+    from components.model import CARD_FILE
+
+    artifact = tmp_path / "older-model"
+    shutil.copytree(trained_model, artifact)
+    card = json.loads((artifact / CARD_FILE).read_text())
+    del card["calibration"]
+    (artifact / CARD_FILE).write_text(json.dumps(card))
+    return artifact
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real GTSRB sample (../shared/gtsrb-sample or $GTSRB_SAMPLE_DIR)."""

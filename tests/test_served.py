@@ -3,7 +3,6 @@ the file an evaluation measured is what the server loads, byte for byte; numpy p
 equals the torch training transform; an ONNX server process imports no torch."""
 
 import base64
-import json
 import shutil
 import subprocess
 import sys
@@ -72,14 +71,9 @@ def test_an_artifact_is_served_only_with_the_backend_it_was_exported_for(served_
         GTSRBModel("gtsrb", str(trained_model), "onnxruntime")      # no export at start-up
 
 
-def test_an_int8_export_needs_the_calibration_sample(trained_model, tmp_path):
-    older = tmp_path / "older-model"                   # an artifact from before calibration.pt
-    shutil.copytree(trained_model, older)
-    card = json.loads((older / CARD_FILE).read_text())
-    del card["calibration"]
-    (older / CARD_FILE).write_text(json.dumps(card))
+def test_an_int8_export_needs_the_calibration_sample(uncalibrated_model, tmp_path):
     with pytest.raises(ModelArtifactError, match="names no calibration sample"):
-        export_served(older, "onnxruntime-int8", tmp_path / "served")
+        export_served(uncalibrated_model, "onnxruntime-int8", tmp_path / "served")
     assert not (tmp_path / "served").exists() and not (tmp_path / "served.partial").exists()
 
 

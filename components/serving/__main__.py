@@ -22,7 +22,7 @@ from kserve import logging as kserve_logging
 from kserve import model_server
 
 from components.runtime import cpu_count
-from components.serving import server, worker_metrics
+from components.serving import listen, server, worker_metrics
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, GTSRBModel
 
 
@@ -67,9 +67,11 @@ def main(argv=None) -> int:
         kserve_logging.configure_logging(log_config)
     try:
         settings = server.ServerSettings(args.max_body_bytes, args.request_logs, log_config)
+        if workers > 1:       # the workers' forkserver imports the serving stack while this process loads
+            worker_metrics.prepare(workers)
+            listen.start_forkserver()
         model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
                            threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=settings)
-        worker_metrics.prepare(workers)
     except Exception as e:  # refuse to start, and say why
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
