@@ -153,17 +153,23 @@ def summarize(latencies: list[float], wall: float, cpu_seconds: float) -> dict:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the server's workers)."""
+    """User + system CPU seconds of a process and all its descendants (the server's workers, which
+    the predictor forks from a forkserver child of its own)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    parents, ticks = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:                      # exited meanwhile
             continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        parents[int(stat.parent.name)] = int(fields[1])
+        ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+    tree, grown = {pid}, True
+    while grown:
+        children = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grown = bool(children)
+    return sum(ticks.get(p, 0) for p in tree) / tick
 
 
 def post_once(port: int, path: str, body: bytes) -> dict:

@@ -96,7 +96,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
 
     measured = written["backends"]["onnxruntime"]["served"]
     assert measured["format"] == "onnx" and measured["backend"] == "onnxruntime"
-    evaluated = [verified_card(p) for p in tmp_path.glob("artifacts/*/evaluate*/served")]
+    evaluated = [verified_card(p) for p in tmp_path.glob("artifacts/*/**/evaluate/served")]
     assert sorted(c["serving"]["backend"] for c in evaluated) == ["eager", "onednn", "onnxruntime"]
     served = written["served"]
     assert served["backend"] == written["winner"] and served["path"].endswith("/select/served")
