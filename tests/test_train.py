@@ -184,3 +184,19 @@ def test_default_beats_lp_on_unseen_real_signs_after_three_epochs(sample_data, t
         scores[arch] = accuracy(model, test["images"], test["labels"], norm["mean"], norm["std"])
     assert scores[DEFAULT_ARCH] >= 20.0, scores
     assert scores[DEFAULT_ARCH] >= scores["lp"] + 5.0, scores
+
+
+def test_affine_grid_is_torchs_affine_grid():
+    import math
+
+    import torch.nn.functional as F
+
+    from components.train import _affine_grid
+
+    g = torch.Generator().manual_seed(0)
+    angle, zoom = (torch.rand(6, generator=g) - 0.5) * math.radians(20), 1 + (torch.rand(6, generator=g) - 0.5) * 0.2
+    tx, ty = (torch.rand(6, generator=g) - 0.5) * 0.4, (torch.rand(6, generator=g) - 0.5) * 0.4
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    expected = F.affine_grid(theta, [6, 3, 32, 32], align_corners=False)
+    assert torch.allclose(_affine_grid(cos, sin, tx, ty, 32, 32), expected, atol=1e-6)

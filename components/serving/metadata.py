@@ -7,7 +7,7 @@ deployed, not an older pod's model.
 
 from __future__ import annotations
 
-from components.rollout import VERSION_PREFIX
+from components.rollout import weights_version
 
 
 def report_weights_in_metadata() -> None:
@@ -22,7 +22,7 @@ def report_weights_in_metadata() -> None:
         metadata = await original(self, model_name)
         sha = getattr(self.get_model_from_registry(model_name), "weights_sha256", None)
         if sha:
-            metadata["versions"] = [VERSION_PREFIX + sha]
+            metadata["versions"] = [weights_version(sha)]
         return metadata
 
     model_metadata.reports_weights = True
