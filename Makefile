@@ -125,9 +125,13 @@ image-base:
 		--build-arg BASE_PYTHON=$(BASE_PYTHON) --build-arg VERSION=$(CLUSTER_TAG) --build-arg REVISION=$(GIT_REVISION) \
 		-t $(call cluster_image,base) .
 
+# serve-onnx (the predictor for ONNX winners) starts from BASE_PYTHON, without torch; it takes the
+# project's code and pins from gtsrb-base.
+image-serve-onnx: STEP_BUILD_ARGS = --build-arg BASE_PYTHON=$(BASE_PYTHON)
+
 $(addprefix image-,$(STEP_IMAGES)): image-%: image-base
 	$(DOCKER) buildx build --platform $(PLATFORM) --load --build-arg BASE_IMAGE=$(call cluster_image,base) \
-		-t $(call cluster_image,$*) images/$*
+		$(STEP_BUILD_ARGS) -t $(call cluster_image,$*) images/$*
 
 load: cluster images ## load the step images into the kind node (kind skips the ones already there)
 	$(KIND) load docker-image --name $(KIND_CLUSTER) $(foreach s,$(STEP_IMAGES),$(call cluster_image,$(s)))

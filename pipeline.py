@@ -89,24 +89,27 @@ def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: st
     with dsl.ParallelFor(backends, parallelism=EVAL_PARALLELISM) as backend:
         evaluation = evaluate(model=trained.outputs["model"], data=data.outputs["data"], backend=backend)
         heavy(evaluation)
-    chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]), model=trained.outputs["model"],
+    chosen = select(evaluations=dsl.Collected(evaluation.outputs["result"]),
+                    candidates=dsl.Collected(evaluation.outputs["served"]), model=trained.outputs["model"],
                     accuracy_tolerance=accuracy_tolerance, min_agreement=min_agreement,
                     serving_batch=serving_batch)
     winner = chosen.outputs["Output"]          # select's return value: the winning backend's name
-    gated = gate(selection=chosen.outputs["summary"], model=trained.outputs["model"], data=data.outputs["data"],
+    served = chosen.outputs["served"]          # what the winner's evaluation measured (ONNX: that file)
+    gated = gate(selection=chosen.outputs["summary"], model=served, data=data.outputs["data"],
                  deploy_target=deploy_target, champion_dir=champion_dir, namespace=cluster.NAMESPACE,
                  name=cluster.INFERENCE_SERVICE, max_regression=max_regression, force_deploy=force_deploy,
                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     gated.set_caching_options(False)           # the champion it reads changes between runs
-    with_s3_secret(gated)                      # "kserve": downloads the champion's model artifact
+    with_s3_secret(gated)                      # "kserve": downloads the champion's served artifact
     # The decision is the gate's single return value: kfp.local 2.17 resolves a condition on a task's
     # "Output" but takes a named output (`gate-decision`) for a pipeline input and skips the branch.
     with dsl.If(gated.outputs["Output"] == PROMOTE):
         with dsl.If(deploy_target == "local"):
-            serve(model=trained.outputs["model"], backend=winner)
+            serve(model=served, backend=winner)
         with dsl.Else():                        # "kserve"; the step rejects any other value
-            deployed = deploy(model=trained.outputs["model"], verdict=gated.outputs["summary"], backend=winner,
+            deployed = deploy(model=served, verdict=gated.outputs["summary"], backend=winner,
                               deploy_target=deploy_target, serving_image=image("serve"),
+                              onnx_serving_image=image("serve-onnx"),
                               namespace=cluster.NAMESPACE, name=cluster.INFERENCE_SERVICE,
                               timeout_seconds=DEPLOY_READY_SECONDS, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             deployed.set_caching_options(False)    # a deployment is a side effect, never a cache hit

@@ -1,6 +1,7 @@
 """Serving benchmark: the KServe predictor vs two Flask baselines, same model, same request.
 
     python -m bench.bench_serve [--summary runs/latest/summary.json | --model-dir DIR --backend NAME]
+    (DIR: a served artifact, i.e. summary.json's served.path, or a model artifact for a torch backend)
                                 [--image file.ppm] [--duration 10] [--concurrency 1,8] [--workers N]
 
 Servers, all on 127.0.0.1 (all run; only the one being measured gets requests):
@@ -51,32 +52,30 @@ STARTUP_SECONDS = 120
 # --------------------------------------------------------------------------- the baseline app
 def flask_app():
     """The tutorial's Flask app, serving the same artifact + backend with the same transforms.
-    Configured by BENCH_MODEL_DIR, BENCH_BACKEND and BENCH_THREADS (torch threads per process,
+    Configured by BENCH_MODEL_DIR, BENCH_BACKEND and BENCH_THREADS (threads per process,
     as for the KServe workers); gunicorn imports it as ``flask_app()``."""
     import io
 
-    import torch
     from flask import Flask, jsonify, request
     from PIL import Image
 
-    from components.model import CLASS_NAMES, normalize, to_uint8_32
-    from components.runtime import set_threads
-    from components.serving.model import prepare_served
+    from components.serving.model import prepare_served, top_classes
+    from components.transforms import normalize, to_uint8_32
 
-    set_threads(int(os.environ["BENCH_THREADS"]))
-    run, card = prepare_served(os.environ["BENCH_MODEL_DIR"], os.environ["BENCH_BACKEND"])
-    norm = card["normalization"]
+    run, card = prepare_served(os.environ["BENCH_MODEL_DIR"], os.environ["BENCH_BACKEND"],
+                               threads=int(os.environ["BENCH_THREADS"]))
+    norm, names = card["normalization"], card["class_names"]
     app = Flask(__name__)
 
     @app.route(FLASK_PATH, methods=["POST"])
     def predict():
         instance = request.get_json()["instances"][0]
         image = Image.open(io.BytesIO(base64.b64decode(instance["image"]["b64"])))
-        x = normalize(to_uint8_32(image).unsqueeze(0), norm["mean"], norm["std"])
-        probabilities = torch.softmax(run(x), dim=1)[0]
-        class_id = int(probabilities.argmax())
-        return jsonify({"predictions": [{"class_id": class_id, "class_name": CLASS_NAMES[class_id],
-                                         "probability": float(probabilities[class_id])}]})
+        x = normalize(to_uint8_32(image)[None], norm["mean"], norm["std"])
+        ids, probabilities = top_classes(run(x), 1)
+        class_id = int(ids[0, 0])
+        return jsonify({"predictions": [{"class_id": class_id, "class_name": names[class_id],
+                                         "probability": float(probabilities[0, 0])}]})
 
     return app
 
@@ -182,17 +181,23 @@ def summarize(latencies: list[float], wall: float, cpu_seconds: float) -> dict:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the server's workers)."""
+    """User + system CPU seconds of a process and all its descendants (the server's workers, which
+    the predictor forks from a forkserver child of its own)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    parents, ticks = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:                      # exited meanwhile
             continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        parents[int(stat.parent.name)] = int(fields[1])
+        ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+    tree, grown = {pid}, True
+    while grown:
+        children = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grown = bool(children)
+    return sum(ticks.get(p, 0) for p in tree) / tick
 
 
 def post_once(port: int, request: bytes) -> dict:
@@ -230,7 +235,7 @@ def running(name: str, port: int, model_dir: str, backend: str, workers: int, lo
     """Start one server, wait until it answers a real request, yield, always stop it."""
     from components.runtime import cpu_count
 
-    processes = 1 if name == "flask" else workers       # torch threads: the CPUs shared by the processes
+    processes = 1 if name == "flask" else workers       # threads: the CPUs shared by the processes
     env = dict(os.environ, BENCH_MODEL_DIR=str(model_dir), BENCH_BACKEND=backend,
                BENCH_THREADS=str(max(1, cpu_count() // processes)),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, help="flask-dev-server: port on 127.0.0.1")
     parser.add_argument("--summary", type=Path, default=ROOT / "runs" / "latest" / "summary.json",
                         help="run-local summary naming the model and the winning backend")
-    parser.add_argument("--model-dir", help="model artifact directory (instead of --summary)")
+    parser.add_argument("--model-dir", help="served artifact directory (instead of --summary)")
     parser.add_argument("--backend", help="backend (instead of the summary's winner)")
     parser.add_argument("--image", type=Path, default=default_image(), help="the image every request carries")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per server and concurrency")

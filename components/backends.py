@@ -106,6 +106,7 @@ class Backend:
     build: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], Predict]
     unavailable: Callable[[], str | None] = _usable   # the reason it cannot run here, or None
     needs_calibration: bool = False
+    exports: str | None = None   # the format of the file prepare() writes and serving loads ("onnx")
 
     def prepare(self, model: nn.Module, example: torch.Tensor, calibration: torch.Tensor | None = None) -> Predict:
         """The backend's predict function, checked on :func:`probe_batch` (``example``'s shape, so
@@ -222,9 +223,6 @@ def _compile_bf16(model, example, calibration) -> Predict:
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
-SHARED_DIR_ENV = "GTSRB_BACKENDS_DIR"      # exports a parent process made, for its server workers
-
-
 def _state_digest(model: nn.Module) -> str:
     digest = hashlib.sha256(type(model).__qualname__.encode())
     for key, value in model.state_dict().items():
@@ -235,18 +233,9 @@ def _state_digest(model: nn.Module) -> str:
 
 @cache
 def _workdir() -> Path:
-    """Where ONNX files go, named by the weights' digest: the directory a parent process shared
-    (:func:`share_exports`), else a new one, removed when this process exits."""
-    if os.environ.get(SHARED_DIR_ENV):
-        return Path(os.environ[SHARED_DIR_ENV])
+    """Where ONNX files go, named by the weights' digest; removed when this process exits (the
+    evaluate step copies the file it measured into its ``served`` artifact first)."""
     return process_temp_dir("gtsrb-backends-")
-
-
-def share_exports() -> Path:
-    """Let the processes started from here (the predictor's server workers) reuse this process's
-    ONNX exports and int8 quantizations instead of repeating them (~4 s each here)."""
-    os.environ[SHARED_DIR_ENV] = str(_workdir())
-    return _workdir()
 
 
 @contextmanager
@@ -276,18 +265,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> Path:
 
 
 def _ort_session(path: Path) -> Predict:
-    import onnxruntime as ort
+    """An ONNX Runtime session on ``path`` (components/ort.py: the predictor sets it up the same
+    way); the callable's ``exported`` attribute is the file it runs, for the served artifact."""
+    from components import ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()   # the same fixed thread count as torch
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    session = ort.session(path, torch.get_num_threads())   # the same fixed thread count as torch
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+        return torch.from_numpy(session(x.contiguous().numpy()))
+    run.exported = path
     return run
 
 
@@ -544,11 +530,11 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "bf16", _compile_bf16, lambda: _no_bf16() or _no_compiler()),
     Backend("onnxruntime", "fp32, ONNX export (torch.export-based) run by ONNX Runtime's CPU execution provider",
             "torch.onnx.export(dynamo) -> onnxruntime.InferenceSession(CPUExecutionProvider)",
-            "fp32", _onnxruntime, _no_onnxruntime),
+            "fp32", _onnxruntime, _no_onnxruntime, exports="onnx"),
     Backend("onnxruntime-int8", "int8, ONNX Runtime static quantization (QDQ, per-channel weights) calibrated "
             "on training images: " + _int8_description(),
             "onnxruntime.quantization.quantize_static(QDQ, MinMax calibration) -> CPUExecutionProvider",
-            "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True),
+            "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True, exports="onnx"),
     Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's "
             + ("ArmInductorQuantizer" if ARM else "X86InductorQuantizer")
             + ", MinMax calibration on training images, per-channel s8 weights, first and last layer fp32) "

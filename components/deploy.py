@@ -2,12 +2,14 @@
 
 - :func:`render_inference_service` (pure): a ``serving.kserve.io/v1beta1`` InferenceService whose
   predictor is the serving image as a custom container (``kserve-container``), with STORAGE_URI =
-  the model artifact in KFP's object store (SeaweedFS's S3 API in KFP 2.17; KServe's
+  the served artifact in KFP's object store (SeaweedFS's S3 API in KFP 2.17; KServe's
   storage-initializer copies it to /mnt/models using the S3 secret of the predictor's service
   account), the winning backend and the expected weights sha256 as env, resource requests/limits
   (one server worker per CPU of the limit), a readiness probe on the model's V2 ready endpoint and
   the Recreate deployment strategy (no old pod answers once the new one runs: components/rollout.py).
-- :func:`deploy_model`: checks that the storageUri (the Model artifact's own URI: what was
+  The served artifact's format picks the image and the memory: an ONNX winner runs in the slim
+  ``serve-onnx`` image (no torch), torch backends in the full ``serve`` image (:data:`RUNTIMES`).
+- :func:`deploy_model`: checks that the storageUri (the select step's served artifact: what was
   measured is what is served) holds the artifact being deployed, creates or replaces the
   InferenceService (applying twice leaves one), waits for Ready with a timeout (failing with the
   conditions and the predictor's last events), then for the predictor Deployment to run this
@@ -44,6 +46,7 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 
 from components import cluster, gate, rollout
+from components.artifact import SERVING, serving_format
 from components.kfp_step import step
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR
 
@@ -68,36 +71,59 @@ class DeployError(RuntimeError):
     pass
 
 
-def _serve_image() -> str:
-    from components.images import image
+def _image(step: str):
+    def default() -> str:
+        from components.images import image
 
-    return image("serve")
+        return image(step)
+    return default
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The serving image and memory for one served-artifact format."""
+    image_step: str
+    memory_request: str
+    memory_limit: str
+
+
+# The parent verifies and loads the model too, then each worker (cpu_limit of them).
+# torch: 3 processes of torch + KServe, roughly 0.5-1 GiB each.
+# onnx: the PSS measured for every process of a 2-worker server (docs/serving-footprint.md) plus
+# headroom in the request, and room in the limit for batch-64 traffic and a worker being replaced.
+RUNTIMES = {"torch": Runtime("serve", "2Gi", "3Gi"),
+            "onnx": Runtime("serve-onnx", "512Mi", "1Gi")}
 
 
 @dataclass(frozen=True)
 class Serving:
-    """How the winner is served; defaults are components/cluster.py's names."""
+    """How the winner is served; defaults are components/cluster.py's names and images/images.env's
+    images."""
     name: str = cluster.INFERENCE_SERVICE
     namespace: str = cluster.NAMESPACE
     service_account: str = cluster.SERVICE_ACCOUNT
-    image: str = field(default_factory=_serve_image)
+    image: str = field(default_factory=_image(RUNTIMES["torch"].image_step))
+    onnx_image: str = field(default_factory=_image(RUNTIMES["onnx"].image_step))
     cpu_request: str = "1"
     cpu_limit: int = 2                  # whole CPUs: the server runs one worker process per CPU
-    # The parent verifies and loads the model too, then each worker: 3 processes of torch + KServe
-    # (+ the ONNX exporter for ONNX backends), roughly 0.5-1 GiB each.
-    memory_request: str = "2Gi"
-    memory_limit: str = "3Gi"
     max_batch: int = DEFAULT_MAX_BATCH
     min_replicas: int = 1
     max_replicas: int = 1
 
+    def runtime(self, fmt: str) -> tuple[str, Runtime]:
+        """(image, memory) of the served artifact format ``fmt``."""
+        if fmt not in RUNTIMES:
+            raise ValueError(f"no serving runtime for format {fmt!r}; known: {', '.join(RUNTIMES)}")
+        return (self.onnx_image if fmt == "onnx" else self.image), RUNTIMES[fmt]
+
 
 # --------------------------------------------------------------------------- render (pure)
 def render_inference_service(storage_uri: str, backend: str, weights_sha256: str, serving: Serving,
-                             record: dict | None = None) -> dict:
+                             record: dict | None = None, fmt: str = "torch") -> dict:
     """The InferenceService as the dict the Kubernetes API takes, built from KServe's typed models.
     ``record``: the model's identity (components.gate.identity), written as annotations that the
-    next run's gate reads."""
+    next run's gate reads; ``fmt``: the served artifact's format (components/artifact.py), which
+    picks image and memory."""
     if not storage_uri.startswith("s3://"):
         raise ValueError(f"storageUri must be s3://..., got {storage_uri!r}")
     if serving.cpu_limit < 1:
@@ -105,9 +131,10 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
     if record and (record["weights_sha256"], record["model_uri"]) != (weights_sha256, storage_uri):
         raise ValueError(f"the identity record names {record['weights_sha256']} at {record['model_uri']}, "
                          f"not the served {weights_sha256} at {storage_uri}")
+    image, runtime = serving.runtime(fmt)
     container = V1Container(
         name=CONTAINER_NAME,
-        image=serving.image,
+        image=image,
         command=["python", "-m", "components.serving"],
         args=[f"--model_name={serving.name}", f"--model_dir={MODEL_MOUNT}", f"--http_port={HTTP_PORT}",
               f"--workers={serving.cpu_limit}", "--enable_grpc=true", f"--grpc_port={GRPC_PORT}"],
@@ -118,8 +145,8 @@ def render_inference_service(storage_uri: str, backend: str, weights_sha256: str
         ports=[V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"),
                V1ContainerPort(name="grpc", container_port=GRPC_PORT, protocol="TCP")],
         resources=V1ResourceRequirements(
-            requests={"cpu": serving.cpu_request, "memory": serving.memory_request},
-            limits={"cpu": str(serving.cpu_limit), "memory": serving.memory_limit}),
+            requests={"cpu": serving.cpu_request, "memory": runtime.memory_request},
+            limits={"cpu": str(serving.cpu_limit), "memory": runtime.memory_limit}),
         readiness_probe=V1Probe(
             http_get=V1HTTPGetAction(path=f"/v2/models/{serving.name}/ready", port=HTTP_PORT),
             initial_delay_seconds=PROBE_DELAY_SECONDS, period_seconds=PROBE_PERIOD_SECONDS,
@@ -239,18 +266,21 @@ def service_url(isvc: dict) -> str:
 
 
 # --------------------------------------------------------------------------- storage
-def resolve_storage_uri(model_uri: str, weights_sha256: str, client) -> str:
-    """The s3:// storageUri to serve: the Model artifact's own URI (KFP's minio://, or s3://),
-    after checking that its model card names the same weights."""
+def resolve_storage_uri(model_uri: str, weights_sha256: str, client, serving: dict | None = None) -> str:
+    """The s3:// storageUri to serve: the artifact's own URI (KFP's minio://, or s3://), after
+    checking that its model card names the same weights (and the same served file)."""
     from components import storage
 
     if not model_uri.startswith(storage.SCHEMES):
         raise DeployError(f"the model artifact {model_uri!r} is not in the object store "
                           f"({' or '.join(storage.SCHEMES)}); KServe can only serve what it can download")
     uri = storage.s3_prefix_uri(model_uri)
-    stored = storage.read_card(client, uri).get("weights_sha256")
+    card = storage.read_card(client, uri)
+    stored = card.get("weights_sha256")
     if stored != weights_sha256:
         raise DeployError(f"{uri} holds weights {stored}, not the deployed artifact's {weights_sha256}")
+    if card.get(SERVING) != serving:
+        raise DeployError(f"{uri} serves {card.get(SERVING)}, not the deployed artifact's {serving}")
     return uri
 
 
@@ -258,19 +288,20 @@ def resolve_storage_uri(model_uri: str, weights_sha256: str, client) -> str:
 def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_api, apps_api, storage_client,
                  serving: Serving, timeout: float = 600, smoke=None, served_metadata=rollout.model_metadata,
                  clock=time.monotonic, measured: dict | None = None, **wait_options) -> dict:
-    """Deploy the Model artifact at ``model_uri`` (``model_dir``: KFP's local copy of it) and
+    """Deploy the served artifact at ``model_uri`` (``model_dir``: KFP's local copy of it) and
     check it; returns the deployment record. ``smoke(url, model_dir, backend, name)`` defaults to
     components.serving.check.check_endpoint; ``served_metadata(url, name)`` reads the served
     model's V2 metadata. ``timeout`` covers Ready and the rollout together. ``measured``:
     {test_accuracy, test_fingerprint, run_id} from the gate, annotated on the InferenceService
     with the weights and storageUri."""
-    from components.model import verified_card
+    from components.artifact import verified_card
     from components.serving.check import check_endpoint
 
-    sha = verified_card(model_dir)["weights_sha256"]   # verifies the local copy's files
-    storage_uri = resolve_storage_uri(model_uri, sha, storage_client)
+    card = verified_card(model_dir)                    # verifies the local copy's files
+    sha, fmt = card["weights_sha256"], serving_format(card)
+    storage_uri = resolve_storage_uri(model_uri, sha, storage_client, card.get(SERVING))
     record = gate.identity(sha, storage_uri, **measured) if measured else None
-    body = render_inference_service(storage_uri, backend, sha, serving, record)
+    body = render_inference_service(storage_uri, backend, sha, serving, record, fmt)
     applied = apply_inference_service(custom_api, body)
     print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
           f"{applied['metadata'].get('generation')}), storageUri {storage_uri}, backend {backend}", flush=True)
@@ -287,8 +318,8 @@ def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_
     print(f"deploy: Ready at {url}, serving weights {sha[:12]} on every replica; smoke-testing it", flush=True)
     checked = (smoke or check_endpoint)(url, model_dir, backend, serving.name)
     return {"name": serving.name, "namespace": serving.namespace, "url": url, "storage_uri": storage_uri,
-            "backend": backend, "weights_sha256": sha, "image": serving.image, "smoke": checked,
-            "predict_url": f"{url}/v1/models/{serving.name}:predict", "identity": record}
+            "backend": backend, "weights_sha256": sha, "format": fmt, "image": serving.runtime(fmt)[0],
+            "smoke": checked, "predict_url": f"{url}/v1/models/{serving.name}:predict", "identity": record}
 
 
 def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Serving, timeout: float,
@@ -312,9 +343,11 @@ def deploy_and_record(model_uri: str, model_dir: str, backend: str, serving: Ser
 
 @step("deploy")
 def deploy(model: Input[Model], verdict: Input[Artifact], backend: str, deploy_target: str, serving_image: str,
-           namespace: str, name: str, timeout_seconds: int, run_id: str, record: Output[Artifact]) -> str:
-    """Serve the winner as a KServe InferenceService, wait for Ready, smoke-test it. ``serving_image``
-    is fixed when the pipeline is compiled (components.images), like every step's image. The
+           onnx_serving_image: str, namespace: str, name: str, timeout_seconds: int, run_id: str,
+           record: Output[Artifact]) -> str:
+    """Serve the winner (select's served artifact) as a KServe InferenceService, wait for Ready,
+    smoke-test it. The serving images (torch, and the slim one for ONNX winners) are fixed when the
+    pipeline is compiled (components.images), like every step's image. The
     pipeline runs this step for every deploy_target but "local", so a misspelt target fails here
     instead of serving nothing. The gate's ``verdict`` (its summary: the challenger's test accuracy
     and test-split fingerprint) and ``run_id`` are annotated on the InferenceService: the next
@@ -326,7 +359,7 @@ def deploy(model: Input[Model], verdict: Input[Artifact], backend: str, deploy_t
     from components.gate import measured
 
     outcome = deploy_and_record(model.uri, model.path, backend, Serving(name=name, namespace=namespace,
-                                image=serving_image), timeout_seconds, record.path,
-                                measured=measured(verdict.path, run_id))
+                                image=serving_image, onnx_image=onnx_serving_image), timeout_seconds,
+                                record.path, measured=measured(verdict.path, run_id))
     record.metadata.update(url=outcome["url"], storage_uri=outcome["storage_uri"], backend=backend)
     return outcome["predict_url"]

@@ -153,8 +153,10 @@ def environment(threads: int) -> dict:
 
 
 def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int = 0, runs: int = MIN_RUNS,
-                     warmup: int = WARMUP) -> dict:
-    """Measure ``backend``; returns a JSON-serialisable result (status ok or skipped)."""
+                     warmup: int = WARMUP, served_dir: str | None = None) -> dict:
+    """Measure ``backend``; returns a JSON-serialisable result (status ok or skipped). With
+    ``served_dir``, a backend that ran also writes its served artifact there (components/served.py:
+    for ONNX Runtime, the very file measured)."""
     if runs < MIN_RUNS:
         raise ValueError(f"runs={runs}: latency needs at least {MIN_RUNS} timed runs")
     result = skipped(backend)
@@ -167,6 +169,10 @@ def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int =
         return result
     latency = time_latency(predict, data.x, result["flops_per_image"], runs, warmup)
     result.update(latency=latency, confusion_matrix=confusion_matrix(data.y, predictions))
+    if served_dir:
+        from components.served import write_served
+
+        result["served"] = write_served(served_dir, model_dir, backend, predict)["serving"]
     print(f"evaluate: {backend}: accuracy {result['accuracy']:.2f}% agreement {result['agreement']:.2f}% "
           f"prepare {result['prepare_seconds']:.1f}s "
           + " ".join(f"b{v['batch']} median {v['median_ms']:.3f} ms p99 {v['p99_ms']:.3f} ms"
@@ -180,17 +186,22 @@ def write_result(result: dict, path: str | Path) -> None:
 
 @step("evaluate")
 def evaluate(model: Input[Model], data: Input[Dataset], backend: str, result: Output[Artifact],
-             metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
-    """Accuracy, agreement with fp32 eager, confusion matrix and latency for one backend."""
+             metrics: Output[Metrics], confusion: Output[ClassificationMetrics], served: Output[Model]):
+    """Accuracy, agreement with fp32 eager, confusion matrix and latency for one backend, and
+    what serving it loads (``served``: for ONNX Runtime, the file measured)."""
+    import os
+
     from components.evaluate import evaluate_backend, write_result
     from components.model import CLASS_NAMES
 
-    outcome = evaluate_backend(model.path, data.path, backend)
+    outcome = evaluate_backend(model.path, data.path, backend, served_dir=served.path)
     write_result(outcome, result.path)
     result.metadata.update(backend=backend, status=outcome["status"])
     if outcome["status"] != "ok":
+        os.makedirs(served.path, exist_ok=True)      # nothing to serve: an empty artifact
         metrics.log_metric("skipped", 1)
         return
+    served.metadata.update(backend=backend, format=outcome["served"]["format"], sha256=outcome["served"]["sha256"])
     for key in ("accuracy", "agreement", "reference_accuracy", "prepare_seconds", "threads"):
         metrics.log_metric(key, round(outcome[key], 4))
     for name, lat in outcome["latency"].items():

@@ -1,14 +1,15 @@
 """Step 6 — gate: serve this run's winner (the challenger) only if it is not worse than the model
 served now (the champion).
 
-- The champion's identity record (:data:`IDENTITY`): weights sha256, model artifact URI, test
+- The champion's identity record (:data:`IDENTITY`): weights sha256, served artifact URI, test
   accuracy, test-split fingerprint (components.preprocess.split_fingerprint), run id, time. On a
   cluster it is the annotations the deploy step writes on the live InferenceService (read with a
   single ``get``); with run-local it is ``<champion dir>/champion.json`` beside a copy of the model
   artifact, which run-local replaces only on promote (:func:`install_local_champion`).
-- Both models predict the challenger's test split with the fp32 reference backend, so accuracies
-  are measured on the same images even when the champion was recorded on another split (its
-  fingerprint then differs from the challenger's).
+- Both models predict the challenger's test split as they are served (:func:`served_predictions`:
+  a served ONNX artifact through ONNX Runtime, the file its evaluation measured; torch weights on the
+  fp32 reference backend), so accuracies are measured on the same images even when the champion was
+  recorded on another split (its fingerprint then differs from the challenger's).
 - Rule: promote when there is no champion, or challenger accuracy ≥ champion accuracy −
   ``max_regression`` points. The paired predictions give the images only one model gets right and
   the exact McNemar p-value (two-sided binomial test on those discordant images).
@@ -235,16 +236,27 @@ def decide(challenger_accuracy: float, champion_accuracy: float | None, max_regr
 
 
 # --------------------------------------------------------------------------- the gate
-def reference_predictions(model_dir: str | Path, test: dict):
-    """Top-1 classes of the fp32 reference backend for the model artifact at ``model_dir``."""
-    from components.evaluate import EvalData
-    from components.evaluate import reference_predictions as predict
-    from components.model import load_model_artifact, normalize
+def served_predictions(model_dir: str | Path, test: dict):
+    """Top-1 classes on ``test`` of the artifact at ``model_dir`` as it is served: a served ONNX
+    artifact through ONNX Runtime (the file the winner's evaluation measured), otherwise the weights
+    on the fp32 reference backend."""
+    import torch
 
-    model, card = load_model_artifact(model_dir)
+    from components.artifact import SERVING, serving_format
+    from components.evaluate import EvalData, reference_predictions
+    from components.model import load_model_artifact, normalize, verified_card
+
+    card = verified_card(model_dir)
     norm = card["normalization"]
     x = normalize(test["images"], norm["mean"], norm["std"])
-    return predict(EvalData(model, card, x, test["labels"], Path(model_dir)))
+    if serving_format(card) == "onnx":
+        from components import ort
+        from components.runtime import cpu_count
+
+        run = ort.session(Path(model_dir) / card[SERVING]["file"], cpu_count())
+        return torch.cat([torch.from_numpy(run(x[i:i + 512].numpy())).argmax(1) for i in range(0, len(x), 512)])
+    model, card = load_model_artifact(model_dir)
+    return reference_predictions(EvalData(model, card, x, test["labels"], Path(model_dir)))
 
 
 def _accuracy(correct: int, n: int) -> float:
@@ -265,7 +277,7 @@ def run_gate(model_dir: str, model_uri: str, data_dir: str, find_champion, max_r
     test = load_split(data_dir, "test")
     labels, n = test["labels"], len(test["labels"])
     fingerprint = split_fingerprint(test)
-    mine = reference_predictions(model_dir, test)
+    mine = served_predictions(model_dir, test)
     correct = int((mine == labels).sum())
     challenger = {"weights_sha256": verified_card(model_dir)["weights_sha256"], "model_uri": model_uri,
                   "accuracy": _accuracy(correct, n), "correct": correct, "test_fingerprint": fingerprint,
@@ -276,7 +288,7 @@ def run_gate(model_dir: str, model_uri: str, data_dir: str, find_champion, max_r
         if found is None:
             no_champion = "nothing is served yet"
         else:
-            theirs = reference_predictions(found.model_dir, test)
+            theirs = served_predictions(found.model_dir, test)
             paired = paired_counts(mine, theirs, labels)
             p_value = mcnemar_exact(paired["challenger_only"], paired["champion_only"])
             record = found.record

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parent.parent / "images" / "images.env"
+PYPROJECT = ENV_FILE.parent.parent / "pyproject.toml"
 
 
 def _defaults() -> dict[str, str]:
@@ -39,6 +40,26 @@ def image(step: str) -> str:
     return f"{setting('IMAGE_REGISTRY')}/{setting('IMAGE_PREFIX')}{step}:{setting('IMAGE_TAG')}"
 
 
+def requirements(step: str, pyproject: Path = PYPROJECT) -> list[str]:
+    """The pinned requirements of an image that installs only some of the project's dependencies
+    (pyproject.toml ``[tool.gtsrb.image-requirements]``; the pins stay in ``[project]
+    dependencies``), without extras: ``kserve[storage]==X`` -> ``kserve==X``."""
+    import re
+    import tomllib
+
+    config = tomllib.loads(pyproject.read_text())
+    names = config["tool"]["gtsrb"]["image-requirements"][step]
+    pinned = {re.split(r"[\[=<>!~ ]", d, maxsplit=1)[0]: re.sub(r"\[.*?\]", "", d)
+              for d in config["project"]["dependencies"]}
+    missing = [n for n in names if n not in pinned]
+    if missing:
+        raise KeyError(f"{step}: {missing} not among the project's dependencies")
+    return [pinned[n] for n in names]
+
+
 if __name__ == "__main__":  # `python -m components.images [step]` prints image names
-    for name in sys.argv[1:] or steps():
-        print(image(name))
+    if sys.argv[1:2] == ["--requirements"]:       # `... --requirements STEP`: that image's pinned requirements
+        print("\n".join(requirements(sys.argv[2])))
+    else:
+        for name in sys.argv[1:] or steps():
+            print(image(name))

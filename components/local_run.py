@@ -39,7 +39,11 @@ def run_output(summary: dict, task: str, output: str) -> Path:
 
 
 def serving_target(summary_path: str | Path) -> tuple[str, str]:
-    """(model artifact directory, winning backend) of a run-local summary.json: what `make serve`,
-    `make bench-serve` and ``python -m components.serve check`` serve."""
+    """(served artifact directory, winning backend) of a run-local summary.json: what `make serve`,
+    `make bench-serve` and ``python -m components.serve check`` serve (for an ONNX winner, the file
+    its evaluation measured)."""
     summary = read_summary(summary_path)
-    return summary["model"]["path"], summary["winner"]
+    if "served" not in summary:
+        raise FileNotFoundError(f"{summary_path} names no served artifact (a run from before the select "
+                                "step forwarded one): run `make local` again")
+    return summary["served"]["path"], summary["winner"]

@@ -1,13 +1,13 @@
-"""The one place that defines the networks, the image transforms and the class names.
+"""The one place that defines the networks and the class names, and the image transforms as torch
+tensors.
 
 Everything that turns an image into a prediction (preprocess, train, evaluate, the KServe
-predictor) goes through :func:`to_uint8_32` and :func:`normalize`, so training and serving
-see identical inputs.
+predictor) goes through the transforms of components/transforms.py (numpy; :func:`to_uint8_32`
+and :func:`normalize` here are their torch views), so training and serving see identical inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,9 +15,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from components import transforms
+from components.artifact import CALIBRATION_FILE as CALIBRATION_FILE
+from components.artifact import CARD_FILE as CARD_FILE
+from components.artifact import WEIGHTS_FILE as WEIGHTS_FILE
+from components.artifact import ModelArtifactError as ModelArtifactError
+from components.artifact import artifact_files as artifact_files
+from components.artifact import read_card as read_card
+from components.artifact import sha256_file as sha256_file
+from components.artifact import verified_card as verified_card
+
 NUM_CLASSES = 43
-IMAGE_SIZE = 32
-INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
+IMAGE_SIZE, INPUT_SHAPE = transforms.IMAGE_SIZE, transforms.INPUT_SHAPE
 
 # GTSRB class ids 0..42, in order.
 CLASS_NAMES = (
@@ -38,20 +47,11 @@ CLASS_NAMES = (
 )
 assert len(CLASS_NAMES) == NUM_CLASSES
 
-WEIGHTS_FILE = "model.pt"
-CARD_FILE = "model_card.json"
-
 
 # --------------------------------------------------------------------------- transforms
 def to_uint8_32(image: Image.Image) -> torch.Tensor:
-    """Decoded image of any size -> uint8 tensor 3x32x32 (RGB, bilinear, antialiased).
-
-    Same as torchvision's ``transforms.Resize((32, 32))`` on a PIL image, stored as uint8 so
-    a whole split fits in memory (39k images = 120 MB).
-    """
-    image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(
-        IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1).contiguous()
+    """Decoded image of any size -> uint8 tensor 3x32x32: :func:`components.transforms.to_uint8_32`."""
+    return torch.from_numpy(transforms.to_uint8_32(image))
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -165,23 +165,9 @@ def count_flops(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- artifact
-# The Model artifact: WEIGHTS_FILE + CALIBRATION_FILE + CARD_FILE (written last; it records every
-# other file's sha256). Every reader goes through read_card / verified_card.
-CALIBRATION_FILE = "calibration.pt"     # uint8 training images int8 backends calibrate with
+# The Model artifact (components/artifact.py reads and verifies it).
 CALIBRATION_IMAGES = 512
 CALIBRATION_SEED = 0                    # fixed: every evaluation and every server quantizes identically
-
-
-class ModelArtifactError(RuntimeError):
-    pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_calibration_sample(directory: str | Path, train_images: torch.Tensor) -> dict:
@@ -209,39 +195,6 @@ def save_model_artifact(directory: str | Path, model: nn.Module, card: dict) -> 
                 input_dtype="uint8 RGB, resized to 32x32, then normalized",
                 class_names=list(CLASS_NAMES))
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    return card
-
-
-def read_card(directory: str | Path) -> dict:
-    """The model card of the artifact in ``directory`` (not verified: see :func:`verified_card`)."""
-    path = Path(directory) / CARD_FILE
-    if not path.is_file():
-        raise ModelArtifactError(f"{path}: model card missing (is {directory} a model artifact?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelArtifactError(f"{path}: not a JSON model card ({e})") from None
-
-
-def artifact_files(card: dict) -> dict[str, str]:
-    """File name -> expected sha256 of every file the card vouches for (weights, calibration)."""
-    files = {card.get("weights_file", WEIGHTS_FILE): card.get("weights_sha256")}
-    if "calibration" in card:
-        files[card["calibration"]["file"]] = card["calibration"]["sha256"]
-    return files
-
-
-def verified_card(directory: str | Path) -> dict:
-    """The model card, after checking that every file it names is there with its sha256."""
-    directory = Path(directory)
-    card = read_card(directory)
-    for name, expected in artifact_files(card).items():
-        path = directory / name
-        if not path.is_file():
-            raise ModelArtifactError(f"{path}: {name} missing from the model artifact")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ModelArtifactError(f"{path}: sha256 {actual} does not match the model card's {expected}")
     return card
 
 

@@ -202,7 +202,7 @@ def load_results(paths: list[str]) -> list[dict]:
 
 def model_summary(model_dir: str, model_uri: str) -> dict:
     """What the summary says about the model: where it is and what it is (from its card)."""
-    from components.model import read_card
+    from components.artifact import read_card
 
     card = read_card(model_dir)
     return {"uri": model_uri, "path": model_dir, "architecture": card["architecture"],
@@ -210,13 +210,45 @@ def model_summary(model_dir: str, model_uri: str) -> dict:
             "val_accuracy": card.get("training", {}).get("val_accuracy")}
 
 
+def forward_served(candidate_dirs: list[str], winner: str, weights_sha256: str, out_dir: str) -> dict:
+    """Copy the winner's served artifact (the one its evaluate task wrote, verified: every file
+    against its sha256, made from the selected model's weights) into ``out_dir``; returns its
+    ``serving`` card entry. A skipped backend's empty artifact is passed over."""
+    import shutil
+
+    from components.artifact import CARD_FILE, SERVING, read_card, verified_card
+    from components.runtime import atomic_dir
+
+    exported = {}
+    for directory in candidate_dirs:
+        if (Path(directory) / CARD_FILE).is_file():
+            exported[read_card(directory)[SERVING]["backend"]] = directory
+    if winner not in exported:
+        raise NoEligibleBackend(f"no served artifact of the winner {winner!r} among the evaluations' "
+                                f"(found: {sorted(exported)})")
+    card = verified_card(exported[winner])
+    if card["weights_sha256"] != weights_sha256:
+        raise ValueError(f"{exported[winner]}: served artifact made from weights {card['weights_sha256']}, "
+                         f"not the selected model's {weights_sha256}")
+    with atomic_dir(out_dir) as partial:
+        for name in [p.name for p in Path(exported[winner]).iterdir() if p.is_file()]:
+            shutil.copyfile(Path(exported[winner]) / name, partial / name)
+        verified_card(partial)
+    return card[SERVING]
+
+
 def write_selection(result_paths: list[str], model_dir: str, model_uri: str, accuracy_tolerance: float,
                     min_agreement: float, serving_batch: int, summary_path: str, report_path: str,
-                    chart_path: str) -> dict:
-    """The select step's core: choose, then write the summary JSON, the Markdown report and the
-    HTML chart; returns the summary."""
+                    chart_path: str, candidate_dirs: list[str] | None = None, served_dir: str | None = None,
+                    served_uri: str | None = None) -> dict:
+    """The select step's core: choose, forward the winner's served artifact to ``served_dir``,
+    then write the summary JSON, the Markdown report and the HTML chart; returns the summary."""
     selection = select_winner(load_results(result_paths), accuracy_tolerance, min_agreement, serving_batch)
     selection["model"] = model_summary(model_dir, model_uri)
+    if served_dir:
+        serving = forward_served(candidate_dirs or [], selection["winner"], selection["model"]["weights_sha256"],
+                                 served_dir)
+        selection["served"] = {"uri": served_uri, "path": served_dir, **serving}
     png = latency_chart(selection)
     Path(summary_path).write_text(json.dumps(selection, indent=2) + "\n")
     Path(report_path).write_text(markdown_report(selection, png))
@@ -227,11 +259,15 @@ def write_selection(result_paths: list[str], model_dir: str, model_uri: str, acc
 
 
 @step("select")
-def select(evaluations: Input[list[Artifact]], model: Input[Model], accuracy_tolerance: float,
-           min_agreement: float, serving_batch: int, summary: Output[Artifact],
-           report: Output[Markdown], chart: Output[HTML]) -> str:
-    """Pick the winning backend; write summary JSON, a Markdown report and an HTML chart."""
+def select(evaluations: Input[list[Artifact]], candidates: Input[list[Model]], model: Input[Model],
+           accuracy_tolerance: float, min_agreement: float, serving_batch: int, summary: Output[Artifact],
+           report: Output[Markdown], chart: Output[HTML], served: Output[Model]) -> str:
+    """Pick the winning backend; hand its served artifact on (``served``: what its evaluation
+    measured); write summary JSON, a Markdown report and an HTML chart."""
     from components.selection import write_selection
 
-    return write_selection([e.path for e in evaluations], model.path, model.uri, accuracy_tolerance,
-                           min_agreement, serving_batch, summary.path, report.path, chart.path)["winner"]
+    selection = write_selection([e.path for e in evaluations], model.path, model.uri, accuracy_tolerance,
+                                min_agreement, serving_batch, summary.path, report.path, chart.path,
+                                [c.path for c in candidates], served.path, served.uri)
+    served.metadata.update({k: selection["served"][k] for k in ("backend", "format", "sha256")})
+    return selection["winner"]

@@ -58,6 +58,22 @@ def tampered_model(trained_model, tmp_path) -> Path:
     return artifact
 
 
+@pytest.fixture
+def uncalibrated_model(trained_model, tmp_path) -> Path:
+    """A copy of ``trained_model`` as written before calibration.pt existed (the card names none)."""
+    import json
+    import shutil
+
+    from components.model import CARD_FILE
+
+    artifact = tmp_path / "older-model"
+    shutil.copytree(trained_model, artifact)
+    card = json.loads((artifact / CARD_FILE).read_text())
+    del card["calibration"]
+    (artifact / CARD_FILE).write_text(json.dumps(card))
+    return artifact
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real GTSRB sample (../shared/gtsrb-sample or $GTSRB_SAMPLE_DIR)."""
@@ -78,3 +94,17 @@ def compiled_ir(tmp_path_factory) -> Path:
     import pipeline
 
     return Path(pipeline.compile_pipeline(str(tmp_path_factory.mktemp("ir") / "pipeline.yaml")))
+
+
+@pytest.fixture(scope="session")
+def served_onnx(trained_model, tmp_path_factory) -> dict[str, Path]:
+    """``trained_model``'s served artifacts for the ONNX Runtime backends (backend -> directory),
+    written as an evaluation writes them (components/served.py)."""
+    from components import backends
+    from components.served import export_served
+
+    out = tmp_path_factory.mktemp("served")
+    names = [n for n, b in backends.BACKENDS.items() if b.exports == "onnx"]
+    for name in names:
+        export_served(trained_model, name, out / name)
+    return {name: out / name for name in names}

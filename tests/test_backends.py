@@ -1,9 +1,6 @@
 """The backend registry: every backend computes the eager model's function, or says why it cannot run."""
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -148,27 +145,15 @@ def test_int8_keeps_the_first_and_last_layer_in_fp32(model_and_batch, tmp_path):
     assert backends.fp32_ends(tiny) == []
 
 
-REUSE_EXPORT = """
-import sys, torch
-from components import backends
-from components.model import load_model_artifact
-model, _ = load_model_artifact(sys.argv[1])
-print(backends.export_onnx(model.eval(), torch.zeros(2, 3, 32, 32)))
-"""
-
-
-def test_server_workers_reuse_the_onnx_export_their_parent_shared(model_and_batch, trained_model, monkeypatch):
+def test_an_onnx_backend_names_the_one_self_contained_file_it_runs(model_and_batch):
+    """What the evaluate step copies into its served artifact: the file the session was made from,
+    whole (no partial export, no external ".data" weights beside it)."""
     model, x, _ = model_and_batch
-    monkeypatch.setenv(backends.SHARED_DIR_ENV, "")        # none shared yet; restored after the test
-    path = backends.export_onnx(model, x)
-    shared = backends.share_exports()
-    assert path.parent == shared and os.environ[backends.SHARED_DIR_ENV] == str(shared)
-    # whole, self-contained files only: no partial export, no external ".data" weights beside it
-    assert not [p.name for p in shared.iterdir() if p.name.startswith(".") or p.suffix == ".data"]
-    worker = subprocess.run([sys.executable, "-c", REUSE_EXPORT, str(trained_model)], capture_output=True,
-                            text=True, timeout=300, env=os.environ.copy())
-    assert worker.returncode == 0, worker.stderr[-2000:]
-    assert worker.stdout.splitlines()[-1] == str(path) and "exported ONNX" not in worker.stdout
+    predict = backends.get("onnxruntime").prepare(model, x)
+    assert predict.exported == backends.export_onnx(model, x) and predict.exported.is_file()
+    assert not [p.name for p in predict.exported.parent.iterdir() if p.name.startswith(".") or p.suffix == ".data"]
+    assert backends.get("onnxruntime").exports == backends.get("onnxruntime-int8").exports == "onnx"
+    assert not [n for n, b in backends.BACKENDS.items() if b.exports and not n.startswith("onnxruntime")]
 
 
 # --------------------------------------------------------------------------- precision checks

@@ -74,10 +74,13 @@ def test_the_image_check_catches_a_missing_dockerfile_and_build(ir_text, tmp_pat
     images = tmp_path / "images"
     shutil.copytree(ROOT / "images", images)
     shutil.rmtree(images / "train")
-    make_images = make("-n", "images", "IMAGE_TAG=abc123").replace("images/serve", "images/serving")
+    make_images = make("-n", "images", "IMAGE_TAG=abc123").replace("images/serve\n", "images/serving\n")
     problems = image_problems(ir_text, images, make_images, make("-n", "load", "IMAGE_TAG=abc123"), "abc123")
     assert sorted(problems) == [f"{image('serve')}: `make images` does not build it from images/serve",
                                 f"{image('train')}: no images/train/Dockerfile"]
+
+
+SLIM = "serve-onnx"       # the predictor for ONNX winners: the code and pins of gtsrb-base, on BASE_PYTHON
 
 
 def test_images_env_steps_are_exactly_the_dockerfiles():
@@ -85,8 +88,39 @@ def test_images_env_steps_are_exactly_the_dockerfiles():
     assert steps()[0] == "base"
     for step in steps()[1:]:
         text = (ROOT / f"images/{step}/Dockerfile").read_text()
-        assert "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n" in text, f"images/{step} starts from gtsrb-base"
+        start = "ARG BASE_IMAGE\nARG BASE_PYTHON\nFROM ${BASE_IMAGE} AS project\n" if step == SLIM else \
+            "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n"
+        assert start in text, f"images/{step} starts from gtsrb-base"
         assert f'org.opencontainers.image.title="gtsrb-{step}"' in text
+
+
+def final_stage(dockerfile: str) -> str:
+    return dockerfile.rsplit("\nFROM ", 1)[1]
+
+
+def test_the_slim_predictor_image_has_no_torch():
+    """serve-onnx's last stage starts from BASE_PYTHON (gtsrb-base only lends it the code and the
+    pins) and installs pyproject.toml's pins of exactly what an ONNX winner's predictor imports."""
+    from components.images import requirements
+
+    text = (ROOT / f"images/{SLIM}/Dockerfile").read_text()
+    assert final_stage(text).startswith("${BASE_PYTHON}\n")
+    assert f"--requirements {SLIM}" in text and "--build-arg BASE_PYTHON=" + setting("BASE_PYTHON") in make(
+        "-n", f"image-{SLIM}")
+    names = [r.split("==")[0] for r in requirements(SLIM)]
+    assert names == ["kserve", "onnxruntime", "numpy", "pillow", "kubernetes", "pyyaml"]
+    assert all("==" in r for r in requirements(SLIM))
+    assert not {"torch", "torchvision", "kfp", "onnxscript"} & set(names)
+    assert ENTRYPOINT in text and ENTRYPOINT in (ROOT / "images/serve/Dockerfile").read_text()
+
+
+ENTRYPOINT = 'ENTRYPOINT ["python", "-m", "components.serving"]'
+
+
+def test_the_slim_image_check_catches_torch_in_the_last_stage():
+    broken = (ROOT / f"images/{SLIM}/Dockerfile").read_text().replace("\nFROM ${BASE_PYTHON}\nLABEL",
+                                                                      "\nFROM ${BASE_IMAGE}\nLABEL")
+    assert not final_stage(broken).startswith("${BASE_PYTHON}\n")
 
 
 def test_the_base_python_has_one_source():

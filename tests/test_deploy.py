@@ -24,12 +24,12 @@ from tests.s3server import s3_store
 SCHEMA = Path(__file__).parent / "schemas" / "inferenceservice-v1beta1.schema.json"
 SHA = "ab" * 32
 URI = "s3://mlpipeline/v2/artifacts/gtsrb-backends/run-1/train/123/model/"
-SERVING = deploy.Serving(image="registry.example/gtsrb-serve:test")
+SERVING = deploy.Serving(image="registry.example/gtsrb-serve:test", onnx_image="registry.example/gtsrb-serve-onnx:test")
 
 
 # --------------------------------------------------------------------------- rendering
-def render(backend="onnxruntime", serving=SERVING):
-    return deploy.render_inference_service(URI, backend, SHA, serving)
+def render(backend="eager", serving=SERVING, fmt="torch"):
+    return deploy.render_inference_service(URI, backend, SHA, serving, fmt=fmt)
 
 
 def strict(schema):
@@ -54,7 +54,7 @@ def validator():
 
 def test_render_is_a_pure_function_of_its_inputs():
     assert render() == render()
-    assert render("eager") != render()
+    assert render("onednn") != render()
     json.dumps(render())                                         # plain JSON types only
 
 
@@ -72,7 +72,7 @@ def test_rendered_inference_service():
     assert container["image"] == SERVING.image
     assert container["command"] == ["python", "-m", "components.serving"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"STORAGE_URI": URI, "GTSRB_BACKEND": "onnxruntime", "GTSRB_WEIGHTS_SHA256": SHA,
+    assert env == {"STORAGE_URI": URI, "GTSRB_BACKEND": "eager", "GTSRB_WEIGHTS_SHA256": SHA,
                    "GTSRB_MAX_BATCH": "64"}
     assert "--model_dir=/mnt/models" in container["args"] and "--workers=2" in container["args"]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"},
@@ -156,6 +156,7 @@ def test_ir_deploy_task_gets_winner_image_secret_resources_and_timeout(ir):
     task, _ = _task(ir, "deploy")
     params = task["inputs"]["parameters"]
     assert params["serving_image"]["runtimeValue"]["constant"] == image("serve")
+    assert params["onnx_serving_image"]["runtimeValue"]["constant"] == image("serve-onnx")
     assert params["backend"]["componentInputParameter"].endswith("select-Output")   # select's return value
     assert task["cachingOptions"] == {}                                             # caching off
     container = spec["deploymentSpec"]["executors"]["exec-deploy"]["container"]
@@ -173,17 +174,36 @@ def test_ir_deploy_task_gets_winner_image_secret_resources_and_timeout(ir):
     assert serve_task["inputs"]["parameters"]["backend"]["componentInputParameter"].endswith("select-Output")
 
 
-def test_ir_serve_and_deploy_take_the_model_artifact_and_no_data(ir):
-    """What is served is what was measured: the train task's Model artifact, with its calibration
-    sample inside; the preprocessed data set never travels to serving."""
+def test_ir_serve_and_deploy_take_the_served_artifact_and_no_data(ir):
+    """What is served is what was measured: select's ``served`` artifact, the copy of what the
+    winner's evaluate task wrote (for ONNX Runtime, the file it measured); every evaluate task
+    writes one and select collects them; the preprocessed data set never travels to serving."""
     spec, _ = ir
     for name, inputs in (("serve", {"model"}), ("deploy", {"model", "verdict"})):   # verdict: the gate's summary
         task, _ = _task(ir, name)
         artifacts = task["inputs"]["artifacts"]
         assert set(artifacts) == inputs, name
-        assert artifacts["model"] == {"componentInputArtifact": "pipelinechannel--train-model"}, name
+        assert artifacts["model"] == {"componentInputArtifact": "pipelinechannel--select-served"}, name
         definition = spec["components"][task["componentRef"]["name"]]["inputDefinitions"]
         assert set(definition["artifacts"]) == inputs, name
+    select = spec["root"]["dag"]["tasks"]["select"]
+    assert "evaluate-served" in json.dumps(select["inputs"]["artifacts"]["candidates"])
+    outputs = spec["components"]["comp-select"]["outputDefinitions"]["artifacts"]
+    assert outputs["served"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert spec["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]["served"]["artifactType"][
+        "schemaTitle"] == "system.Model"
+
+
+def test_the_served_format_picks_the_image_and_the_memory():
+    """An ONNX winner runs in the slim image with the memory measured for it; torch in the full one."""
+    torch_container = render()["spec"]["predictor"]["containers"][0]
+    onnx_container = render("onnxruntime-int8", fmt="onnx")["spec"]["predictor"]["containers"][0]
+    assert torch_container["image"] == SERVING.image and onnx_container["image"] == SERVING.onnx_image
+    assert onnx_container["resources"] == {"requests": {"cpu": "1", "memory": deploy.RUNTIMES["onnx"].memory_request},
+                                           "limits": {"cpu": "2", "memory": deploy.RUNTIMES["onnx"].memory_limit}}
+    assert deploy.Serving().onnx_image == image("serve-onnx") and deploy.Serving().image == image("serve")
+    with pytest.raises(ValueError, match="no serving runtime for format 'tflite'"):
+        render(fmt="tflite")
 
 
 def deploy_ready_seconds():
@@ -362,10 +382,10 @@ def test_applying_twice_leaves_one_inference_service(fake):
     assert [w[0] for w in state.writes] == ["create", "replace"]
     assert second["metadata"]["generation"] == first["metadata"]["generation"] == 1     # same spec
     assert int(second["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
-    third = deploy.apply_inference_service(custom, render("eager"))
+    third = deploy.apply_inference_service(custom, render("onednn"))
     assert third["metadata"]["generation"] == 2 and len(state.objects) == 1
     env = {e["name"]: e["value"] for e in third["spec"]["predictor"]["containers"][0]["env"]}
-    assert env["GTSRB_BACKEND"] == "eager"
+    assert env["GTSRB_BACKEND"] == "onednn"
 
 
 def test_wait_returns_the_ready_inference_service(fake):

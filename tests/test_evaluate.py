@@ -38,8 +38,9 @@ def test_quality_and_confusion_matrix_count_correctly():
 
 
 @pytest.fixture(scope="module")
-def onednn_result(trained_model, prepared):
-    return evaluate_backend(str(trained_model), str(prepared), "onednn", runs=50, warmup=2)
+def onednn_result(trained_model, prepared, tmp_path_factory):
+    served = tmp_path_factory.mktemp("evaluate") / "served"
+    return evaluate_backend(str(trained_model), str(prepared), "onednn", runs=50, warmup=2, served_dir=str(served))
 
 
 @pytest.mark.slow
@@ -60,6 +61,7 @@ def test_evaluate_measures_accuracy_agreement_and_latency(onednn_result, trained
         assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
         assert lat["images_per_second"] == pytest.approx(batch / lat["median_ms"] * 1000)
     assert r["prepare_seconds"] >= 0 and r["calibration_images"] == 0
+    assert r["served"] == {"backend": "onednn", "format": "torch", "file": "model.pt", "sha256": card["weights_sha256"]}
 
 
 def test_an_unavailable_backend_is_reported_skipped_with_its_reason(monkeypatch, trained_model, prepared):

@@ -197,6 +197,28 @@ def test_a_worse_challenger_is_kept_with_paired_counts(recorded, store, trained_
     assert "# Gate: **keep**" in report and f"only the champion {paired['champion_only']}" in report
 
 
+def test_a_served_onnx_champion_is_measured_as_it_is_served(recorded, store, trained_model, served_onnx, weak_model,
+                                                           prepared, tmp_path):
+    """The deployed artifact is select's served one: for an ONNX Runtime winner the ONNX file and a
+    card without weights. The gate downloads it and predicts with that file through ONNX Runtime."""
+    import onnxruntime  # noqa: F401  (the served_onnx fixture needs it too)
+
+    from components.artifact import verified_card
+
+    int8 = served_onnx["onnxruntime-int8"]
+    assert "weights_file" not in verified_card(int8)
+    fingerprint = split_fingerprint(load_split(prepared, "test"))
+    uri = upload(store, int8, "served-int8")
+    api = RecordedAPI(served(recorded["annotated"], int8, uri, fingerprint))
+    result = cluster_gate(api, store, weak_model, prepared, tmp_path)
+    champion, test = result["champion"], load_split(prepared, "test")
+    int8_predictions = gate.served_predictions(int8, test)
+    fp32_predictions = gate.served_predictions(trained_model, test)
+    assert champion["correct"] == int((int8_predictions == test["labels"]).sum())
+    assert (int8_predictions == fp32_predictions).float().mean() >= 0.9      # int8, not the fp32 weights
+    assert result["decision"] == "keep" and champion["model_uri"] == uri
+
+
 def test_a_champion_recorded_on_another_test_split_is_measured_on_the_challengers(
         recorded, store, trained_model, prepared, tmp_path):
     uri = upload(store, trained_model, "other-split")

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,15 +60,15 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     """A newcomer's `make local`, small: under 40 lines (one per task with its duration and key
     figure, the table, the winner); kfp's executor output goes to OUTPUT_DIR/pipeline.log."""
     code = pipeline.main(["run-local", "--data-dir", str(sample_dir), "--epochs", "1", "--arch", "lp",
-                          "--backends", "eager,onednn", "--output-dir", str(tmp_path), "--no-download",
+                          "--backends", "eager,onednn,onnxruntime", "--output-dir", str(tmp_path), "--no-download",
                           "--champion-dir", str(tmp_path / "champion")])
     out, err = capfd.readouterr()
     assert code == 0, out + err
     lines = (out + err).splitlines()
     assert len(lines) <= 40, out + err
-    tasks = [re.match(r"\[ ?(\d)/8\] (.+?)\s+(\d+\.\d) s  (.+)$", line) for line in lines if line.startswith("[")]
+    tasks = [re.match(r"\[ ?(\d)/9\] (.+?)\s+(\d+\.\d) s  (.+)$", line) for line in lines if line.startswith("[")]
     assert [m.group(2) for m in tasks] == ["ingest", "preprocess", "train", "evaluate eager", "evaluate onednn",
-                                           "select", "gate", "serve"], out
+                                           "evaluate onnxruntime", "select", "gate", "serve"], out
     figures = {m.group(2): m.group(4) for m in tasks}
     assert re.fullmatch(r"1,\d{3} train \+ \d+ test images verified", figures["ingest"])
     assert re.fullmatch(r"best val accuracy \d+\.\d\d %", figures["train"])
@@ -79,7 +80,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     assert "Executing task 'train'" in log and "train: epoch 1/1" in log and "\x1b[" not in log
     assert written["run"]["log"] == str(tmp_path / "pipeline.log")
 
-    assert set(written["backends"]) == {"eager", "onednn"} and written["winner"] in ("eager", "onednn")
+    assert set(written["backends"]) == {"eager", "onednn", "onnxruntime"}
     for name, result in written["backends"].items():
         assert result["status"] == "ok" and result["test_images"] == written["backends"]["eager"]["test_images"]
         assert result["agreement"] == 100.0 if name == "eager" else result["agreement"] >= 99.0
@@ -91,6 +92,20 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     assert card["architecture"] == "lp" and card["weights_sha256"] == written["model"]["weights_sha256"]
     assert card["training"]["epochs_run"] == 1 and card["calibration"]["images"] == 512
     assert written["serving"]["weights_sha256"] == card["weights_sha256"]
+    # every evaluate task wrote what serving its backend loads; select handed the winner's on, byte for byte
+    from components.artifact import ONNX_FILE, sha256_file, verified_card
+
+    measured = written["backends"]["onnxruntime"]["served"]
+    assert measured["format"] == "onnx" and measured["backend"] == "onnxruntime"
+    evaluated = [verified_card(p) for p in tmp_path.glob("artifacts/*/**/evaluate/served")]
+    assert sorted(c["serving"]["backend"] for c in evaluated) == ["eager", "onednn", "onnxruntime"]
+    served = written["served"]
+    assert served["backend"] == written["winner"] and served["path"].endswith("/select/served")
+    assert served["sha256"] == written["backends"][written["winner"]]["served"]["sha256"]
+    assert verified_card(served["path"])["serving"] == {k: served[k] for k in served if k not in ("uri", "path")}
+    if written["winner"] == "onnxruntime":
+        assert sha256_file(Path(served["path"]) / ONNX_FILE) == measured["sha256"]
+    assert written["serving"]["backend"] == written["winner"]
     report = next(tmp_path.glob("artifacts/*/select/report")).read_text()
     assert f"**Winner: `{written['winner']}`**" in report and "| eager |" in report.replace("**", "")
     assert written["gate"]["decision"] == "promote" and written["gate"]["champion"] is None   # a fresh champion dir

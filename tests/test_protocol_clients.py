@@ -74,7 +74,7 @@ def expected(server, images) -> dict[int, list[list[tuple[int, float]]]]:
 def fp32(trained_model, images) -> np.ndarray:
     """The images' normalized tensors, as the served artifact's own preprocessing makes them."""
     model = GTSRBModel(MODEL, str(trained_model), BACKEND, max_batch=MAX_BATCH)
-    return model.preprocess(v1_body(images)).x.numpy()
+    return model.preprocess(v1_body(images)).x
 
 
 def assert_like_v1(case: str, ids: list[list[int]], probabilities: list[list[float]], expected) -> None:

@@ -147,3 +147,39 @@ def test_the_select_core_writes_summary_report_and_chart(trained_model, tmp_path
                                   "val_accuracy": card["training"]["val_accuracy"]}
     assert "**Winner: `onnxruntime`**" in out["report"].read_text()
     assert out["chart"].read_text().startswith('<img alt="latency per backend" src="data:image/png;base64,')
+
+
+# --------------------------------------------------------------------------- the winner's served artifact
+def served_dir(root, backend: str, payload: bytes, weights: str = "w" * 64):
+    """A served artifact as an evaluate task writes it (components/artifact.py's card format)."""
+    import hashlib
+    import json
+
+    directory = root / backend
+    directory.mkdir()
+    (directory / "model.onnx").write_bytes(payload)
+    card = {"weights_sha256": weights, "serving": {"backend": backend, "format": "onnx", "file": "model.onnx",
+                                                   "sha256": hashlib.sha256(payload).hexdigest()}}
+    (directory / "model_card.json").write_text(json.dumps(card))
+    return str(directory)
+
+
+def test_select_forwards_the_winners_served_artifact_byte_for_byte(tmp_path):
+    from components.selection import forward_served
+
+    candidates = [served_dir(tmp_path, "onnxruntime", b"fp32 graph"), str(tmp_path / "skipped"),
+                  served_dir(tmp_path, "onnxruntime-int8", b"int8 graph")]
+    (tmp_path / "skipped").mkdir()                                 # a skipped backend's empty artifact
+    serving = forward_served(candidates, "onnxruntime-int8", "w" * 64, str(tmp_path / "served"))
+    assert serving["backend"] == "onnxruntime-int8"
+    assert (tmp_path / "served" / "model.onnx").read_bytes() == b"int8 graph"
+    with pytest.raises(NoEligibleBackend, match="no served artifact of the winner 'eager'"):
+        forward_served(candidates, "eager", "w" * 64, str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="made from weights w+, not the selected model's"):
+        forward_served(candidates, "onnxruntime", "v" * 64, str(tmp_path / "other"))
+    (tmp_path / "onnxruntime" / "model.onnx").write_bytes(b"changed")
+    from components.artifact import ModelArtifactError
+    with pytest.raises(ModelArtifactError, match="does not match the model card"):
+        forward_served(candidates, "onnxruntime", "w" * 64, str(tmp_path / "tampered"))
+    assert not (tmp_path / "none").exists() and not (tmp_path / "other").exists()
+    assert not (tmp_path / "tampered").exists() and not (tmp_path / "tampered.partial").exists()

@@ -88,12 +88,18 @@ def worker_sockets(server_pid: int, port: int) -> dict[int, dict[str, set]]:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in ("0A", "01"):
                 states[fields[9]] = "listen" if fields[3] == "0A" else "established"
-    workers = {}
+    parents = {}                                # pid -> parent pid
     for stat in glob.glob("/proc/[0-9]*/stat"):
-        pid = int(stat.split("/")[2])
         try:
-            if int(open(stat).read().rsplit(")", 1)[1].split()[1]) != server_pid:
-                continue
+            parents[int(stat.split("/")[2])] = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    # the server's children (forkserver, resource tracker) and theirs (the workers, forked by the forkserver)
+    family = {pid for pid, ppid in parents.items() if ppid == server_pid}
+    family |= {pid for pid, ppid in parents.items() if ppid in family}
+    workers = {}
+    for pid in family:
+        try:
             held = {os.readlink(fd)[8:-1] for fd in glob.glob(f"/proc/{pid}/fd/*")}
         except OSError:                         # exited meanwhile, or not a worker of ours
             continue

@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
@@ -92,22 +93,23 @@ def test_the_command_refuses_a_body_limit_below_one_byte(trained_model, capsys):
 
 
 @pytest.mark.slow
-def test_every_available_backend_serves_what_it_computes_in_process(trained_model):
-    """The served answer is the registry backend's own output (int8: calibrated with the model
-    artifact's own calibration sample, as every evaluation is); fp32 backends all agree with eager."""
+def test_every_available_backend_serves_what_it_computes_in_process(trained_model, served_onnx):
+    """The served answer is the registry backend's own output (ONNX Runtime: from the file its
+    preparation wrote, int8 calibrated with the model artifact's own calibration sample, as every
+    evaluation is); fp32 backends all agree with eager."""
     images = [encode(sign_image(label, random.Random(label)), "PNG") for label in (0, 14, 33)]
     classes = {}
     for name, spec in backends.BACKENDS.items():
         if spec.unavailable():   # only the hardware can make a backend unavailable (bf16 needs CPU support)
             assert name == "onednn-bf16", f"{name}: {spec.unavailable()}"
             continue
-        served = GTSRBModel("gtsrb", str(trained_model), name, max_batch=1)
+        served = GTSRBModel("gtsrb", str(served_onnx.get(name, trained_model)), name, max_batch=1)
         batches = [served.preprocess(v1(image_instance(i))) for i in images]
         answers = [served.predict(b)["predictions"][0] for b in batches]
         net, card = load_model_artifact(trained_model)
         calibration = calibration_images(trained_model, card) if spec.needs_calibration else None
         run = spec.prepare(net, torch.zeros(1, 3, 32, 32), calibration=calibration)
-        expected = [torch.softmax(run(b.x), dim=1)[0] for b in batches]
+        expected = [torch.softmax(run(torch.from_numpy(b.x)), dim=1)[0] for b in batches]
         assert [a["class_id"] for a in answers] == [int(e.argmax()) for e in expected], name
         assert [a["probability"] for a in answers] == pytest.approx([float(e.max()) for e in expected], abs=1e-5)
         classes[name] = [a["class_id"] for a in answers]
@@ -115,17 +117,8 @@ def test_every_available_backend_serves_what_it_computes_in_process(trained_mode
     assert len(fp32) >= 2 and all(classes[n] == classes[BACKEND] for n in fp32), classes
 
 
-def test_an_int8_backend_without_calibration_images_refuses_to_start(trained_model, tmp_path):
-    needing = [n for n, b in backends.BACKENDS.items() if b.needs_calibration]
-    assert needing, "the registry has an int8 backend that needs calibration images"
-    older = tmp_path / "older-model"                   # an artifact from before calibration.pt
-    shutil.copytree(trained_model, older)
-    card = json.loads((older / CARD_FILE).read_text())
-    del card["calibration"]
-    (older / CARD_FILE).write_text(json.dumps(card))
-    with pytest.raises(ModelArtifactError, match="needs calibration images: .* names no calibration sample"):
-        GTSRBModel("gtsrb", str(older), needing[0])
-    GTSRBModel("gtsrb", str(older), BACKEND)             # an fp32 backend does not need it
+def test_a_torch_backend_does_not_need_the_calibration_sample(uncalibrated_model):
+    assert GTSRBModel("gtsrb", str(uncalibrated_model), BACKEND).ready
 
 
 def test_a_changed_calibration_sample_refuses_to_start(trained_model, tmp_path):
@@ -321,7 +314,7 @@ def test_the_pixel_budget_counts_every_image_of_a_request(model, monkeypatch):
     sig = dataclasses.replace(model.signature, max_pixels=3 * 64 * 64)
     decoded = []
     monkeypatch.setattr(protocol, "decode_image", lambda image, where: decoded.append(where) or
-                        torch.zeros(3, 32, 32, dtype=torch.uint8))
+                        np.zeros((3, 32, 32), dtype=np.uint8))
     at_budget = v1(*[{"image": {"b64": png_of_size(64, 64)}}] * 3)
     assert protocol.parse_request(at_budget, sig).x.shape == (3, 3, 32, 32) and len(decoded) == 3
     decoded.clear()
@@ -385,16 +378,22 @@ def test_quiet_logging_drops_only_the_per_request_lines():
 
 
 @pytest.mark.parametrize("winner", ["onnxruntime-int8", BACKEND])
-def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, tmp_path, winner):
-    """`make serve` / `make bench-serve` read summary.json and serve the model artifact itself,
-    whichever backend won (an int8 winner calibrates with the artifact's own sample)."""
+def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, served_onnx, tmp_path, winner):
+    """`make serve` / `make bench-serve` read summary.json and serve the select step's served
+    artifact, whichever backend won (an int8 winner: the quantized file its evaluation measured)."""
     from components.local_run import serving_target
 
+    served_dir = str(served_onnx.get(winner, trained_model))
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)},
+                                   "served": {"path": served_dir, "backend": winner},
                                    "run": {"artifacts": str(tmp_path / "artifacts" / "run")}}))
-    assert serving_target(summary) == (str(trained_model), winner)
-    served = GTSRBModel("gtsrb", str(trained_model), winner, max_batch=1)
+    assert serving_target(summary) == (served_dir, winner)
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)}}))
+    with pytest.raises(FileNotFoundError, match="names no served artifact"):
+        serving_target(older)
+    served = GTSRBModel("gtsrb", served_dir, winner, max_batch=1)
     answer = served.predict(served.preprocess(v1(image_instance(encode(sign_image(14, random.Random(1)), "PNG")))))
     assert 0 <= answer["predictions"][0]["class_id"] < len(CLASS_NAMES)
     with pytest.raises(FileNotFoundError, match="run `make local` first"):
@@ -468,7 +467,7 @@ def test_binary_and_grpc_requests_answer_like_json(model):
     as_json = InferRequest("gtsrb", [InferInput("input", [1, 3, 32, 32], "FP32", x.flatten().tolist())])
     header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
                                      "parameters": {"binary_data_size": 4 * 3072}}]}).encode()
-    request = binary.parse_request(header + x.numpy().tobytes(), str(len(header)), "gtsrb")
+    request = binary.parse_request(header + x.tobytes(), str(len(header)), "gtsrb")
     assert (model.predict(model.preprocess(request)).to_rest()[0]
             == model.predict(model.preprocess(as_json)).to_rest()[0])
 

@@ -2,7 +2,7 @@
 # The step images in the GitHub workflows. Image names come from images/images.env through
 # components/images.py (standard library only), with IMAGE_REGISTRY / IMAGE_TAG from the environment.
 #   images.sh check            each image starts, imports its stack, runs as a non-root user, has no CUDA,
-#                              and can run the compile backend
+#                              and can run the compile backend (serve-onnx: has no torch at all)
 #   images.sh push ARCH        push every image as <name>:<IMAGE_TAG>-ARCH (after a native build)
 #   images.sh manifest ARCH..  join the per-arch tags into <name>:<IMAGE_TAG> and <name>:latest
 set -euo pipefail
@@ -18,11 +18,17 @@ check() {
             echo "images: $image runs as root (User '$user')" >&2
             return 1
         fi
-        docker run --rm --entrypoint python "$image" -c \
-            'import torch, kfp.dsl.executor_main, kserve, components.images; assert torch.version.cuda is None; print(torch.__version__)'
-        # Every backend the local run races must run here too (compile: a C++ compiler for inductor).
-        docker run --rm --entrypoint python "$image" -c \
-            'from components.backends import BACKENDS; r = BACKENDS["compile"].unavailable(); assert r is None, r'
+        case "$image" in
+            *-serve-onnx:*)   # the slim predictor: ONNX Runtime + KServe, and no torch at all
+                docker run --rm --entrypoint python "$image" -c \
+                    'import importlib.util as u, onnxruntime, kserve, components.serving.model; assert u.find_spec("torch") is None; print(onnxruntime.__version__)' ;;
+            *)
+                docker run --rm --entrypoint python "$image" -c \
+                    'import torch, kfp.dsl.executor_main, kserve, components.images; assert torch.version.cuda is None; print(torch.__version__)'
+                # Every backend the local run races must run here too (compile: a C++ compiler for inductor).
+                docker run --rm --entrypoint python "$image" -c \
+                    'from components.backends import BACKENDS; r = BACKENDS["compile"].unavailable(); assert r is None, r' ;;
+        esac
     done
 }
 

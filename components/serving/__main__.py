@@ -3,12 +3,14 @@
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
         [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081]
-    python -m components.serving --summary runs/latest/summary.json ...   (a run-local's model + winner)
+    python -m components.serving --summary runs/latest/summary.json ...   (a run-local's served winner)
 
 Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
 answered 4xx (gRPC: INVALID_ARGUMENT) with what was wrong; docs/serving-protocols.md says which
 to use when. The server refuses to start (exit 1, one line saying why) on an artifact whose files
-fail their sha256, unexpected weights, or a backend unavailable here.
+fail their sha256, unexpected weights, an artifact exported for another backend, or a backend
+unavailable here. An ONNX winner's server imports neither torch nor torchvision
+(components/serving/model.py).
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ from kserve import logging as kserve_logging
 from kserve import model_server
 
 from components.runtime import cpu_count
-from components.serving import protocol, server, worker_metrics
+from components.serving import listen, protocol, server, worker_metrics
 from components.serving.model import DEFAULT_MAX_BATCH, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, GTSRBModel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from components.backends import BACKENDS
-
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m components.serving", parents=[model_server.parser],
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=env("GTSRB_MODEL_DIR", DEFAULT_MODEL_DIR),
-                        help="model artifact directory: model.pt + model_card.json (env GTSRB_MODEL_DIR)")
+                        help="the select step's served artifact (model_card.json + the file the winner's "
+                             "evaluation measured), or a model artifact for a torch backend (env GTSRB_MODEL_DIR)")
     parser.add_argument("--backend", default=env("GTSRB_BACKEND"),
-                        help=f"inference backend, one of {', '.join(BACKENDS)} (env GTSRB_BACKEND)")
+                        help="inference backend: the one the served artifact was exported for "
+                             "(components/backends.py lists them; env GTSRB_BACKEND)")
     parser.add_argument("--summary", help="serve the model and winning backend of this run-local summary.json")
     parser.add_argument("--expected_sha256", default=env("GTSRB_WEIGHTS_SHA256"),
                         help="refuse an artifact whose weights have another sha256 (env GTSRB_WEIGHTS_SHA256)")
@@ -71,10 +73,12 @@ def main(argv=None) -> int:
         kserve_logging.configure_logging(log_config)
     try:
         settings = server.ServerSettings(args.max_body_bytes, args.request_logs, log_config)
+        if workers > 1:       # the workers' forkserver imports the serving stack while this process loads
+            worker_metrics.prepare(workers)
+            listen.start_forkserver()
         model = GTSRBModel(args.model_name, args.model_dir, args.backend, max_batch=args.max_batch,
                            threads=max(1, cpus // workers), expected_sha256=args.expected_sha256, server=settings,
                            max_pixels=args.max_pixels)
-        worker_metrics.prepare(workers)
     except Exception as e:  # refuse to start, and say why
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 from components import cluster
 
 MODEL_NAME = cluster.INFERENCE_SERVICE
-STARTUP_SECONDS = 180          # a local predictor must be ready by then (int8 quantizes at start-up)
+STARTUP_SECONDS = 180          # a local predictor must be ready by then (compile builds kernels at start-up)
 REQUEST_SECONDS = 30
 READY_POLL_SECONDS = 0.5
 READY_PROBE_SECONDS = 5

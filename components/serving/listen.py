@@ -15,10 +15,31 @@ connection that reaches it while no worker holds it waits for the next restart).
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 
 from kserve.logging import logger
+from kserve.protocol.rest.multiprocess import server as kserve_multiprocess
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
+
+FORKSERVER = multiprocessing.get_context("forkserver")
+# Imported once by the forkserver, before any worker is forked from it: the serving stack
+# (kserve, numpy, PIL, this package) and ONNX Runtime (skipped where it is not installed).
+PRELOAD = ["components.serving.__main__", "components.serving.model", "onnxruntime"]
+
+
+class ForkServerProcess(RESTServerProcess):
+    """A KServe server worker forked from a forkserver that has already imported :data:`PRELOAD`.
+
+    KServe spawns each worker as a fresh interpreter, which must import KServe (seconds of CPU)
+    before it can answer the parent's 5 s liveness ping, and KServe kills and replaces a worker that
+    does not: on a busy node workers never come up. Forked from the forkserver, a worker starts
+    with everything imported and shares those pages with its siblings (copy-on-write). The
+    forkserver is a fresh interpreter itself (not a fork of this process and its threads)."""
+
+    def __init__(self, sockets: list[socket.socket], target, log_config_file: str | None = None):
+        super().__init__(sockets, target, log_config_file)
+        self._process = FORKSERVER.Process(target=self.target, args=[sockets])
 
 
 def reuse_port_socket(address: tuple) -> socket.socket:
@@ -39,15 +60,28 @@ class ReusePortMultiProcess(RESTServerMultiProcess):
         sockets[0].close()                       # bound without SO_REUSEPORT, it would keep the others out
         sockets[0] = reuse_port_socket(address)  # what KServe gives a restarted worker
         for _ in range(self._rest_server.config.workers):
-            process = RESTServerProcess([reuse_port_socket(address)], self._rest_server.run,
+            process = ForkServerProcess([reuse_port_socket(address)], self._rest_server.run,
                                         log_config_file=self.log_config_file)
             self._processes.append(process)
             process.start()
             logger.info("Started child process [%s] on its own SO_REUSEPORT socket", process.pid)
 
 
+def start_forkserver() -> None:
+    """Start the forkserver now, so that it imports :data:`PRELOAD` while this process loads the
+    model (otherwise it starts with the first worker). Call it after every environment variable
+    the workers read at import time is set (worker_metrics.prepare)."""
+    from multiprocessing import forkserver
+
+    FORKSERVER.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
 def install() -> None:
-    """Make ``kserve.ModelServer(workers > 1)`` in this process use :class:`ReusePortMultiProcess`."""
+    """Make ``kserve.ModelServer(workers > 1)`` in this process use :class:`ReusePortMultiProcess`,
+    and start (and restart) its workers as :class:`ForkServerProcess`."""
     from kserve import model_server
 
+    FORKSERVER.set_forkserver_preload(PRELOAD)
     model_server.RESTServerMultiProcess = ReusePortMultiProcess
+    kserve_multiprocess.RESTServerProcess = ForkServerProcess

@@ -29,6 +29,7 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
+from components import transforms
 from components.serving import binary
 
 MAX_REQUEST_PIXELS = 4096 * 4096           # decoded pixels per request, all its images together
@@ -48,8 +49,8 @@ class Signature:
     the largest batch the server accepts."""
     input_shape: tuple[int, ...]
     class_names: tuple[str, ...]
-    mean: object                         # torch float32 1 x 3 x 1 x 1
-    std: object
+    mean: np.ndarray                     # float32 1 x 3 x 1 x 1
+    std: np.ndarray
     max_batch: int
     max_pixels: int = MAX_REQUEST_PIXELS
 
@@ -61,7 +62,7 @@ class RequestTooLarge(InvalidInput):
 @dataclass
 class Batch:
     """What preprocess hands to predict: one normalized batch and how to answer it."""
-    x: object                            # torch float32 N x 3 x 32 x 32, normalized
+    x: np.ndarray                        # float32 N x 3 x 32 x 32, normalized
     top_k: int                           # 0 = answer without a top-k list
     v2: InferRequest | None = None       # the V2 request (None for V1)
 
@@ -100,14 +101,12 @@ def open_image(data: bytes, where: str) -> Image.Image:
     return image
 
 
-def decode_image(image: Image.Image, where: str):
-    """An opened image -> uint8 3x32x32 tensor through the training transform."""
-    from components.model import to_uint8_32
-
+def decode_image(image: Image.Image, where: str) -> np.ndarray:
+    """An opened image -> uint8 3x32x32 array through the training transform."""
     try:
         with image:
             image.load()
-            return to_uint8_32(image)
+            return transforms.to_uint8_32(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
 
@@ -202,12 +201,10 @@ def grpc_parameters(parameters) -> dict:
     return plain
 
 
-def _decode_images(x, images: list, sig: Signature) -> None:
+def _decode_images(x: np.ndarray, images: list, sig: Signature) -> None:
     """Decode the opened images into their rows of ``x``, normalized: [(row, image, where)]."""
-    from components.model import normalize
-
     for i, image, where in images:
-        x[i] = normalize(decode_image(image, where).unsqueeze(0), sig.mean, sig.std)[0]
+        x[i] = transforms.normalize(decode_image(image, where)[None], sig.mean, sig.std)[0]
 
 
 # --------------------------------------------------------------------------- requests
@@ -224,8 +221,6 @@ def parse_request(payload, sig: Signature) -> Batch:
 
 
 def _v1_batch(body, sig: Signature) -> Batch:
-    import torch
-
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with an 'instances' list, "
                            f"got {type(body).__name__}")
@@ -239,7 +234,7 @@ def _v1_batch(body, sig: Signature) -> Batch:
         _fail("instances", f"expected a list, got {type(instances).__name__}")
     _check_count(len(instances), "instances", sig)
     top_k = parse_parameters(body.get("parameters"), len(sig.class_names))
-    x = torch.empty(len(instances), *sig.input_shape)
+    x = np.empty((len(instances), *sig.input_shape), dtype=np.float32)
     budget, images = PixelBudget(sig.max_pixels), []
     for i, instance in enumerate(instances):      # every header first: refused before decoding any image
         where = f"instances[{i}]"
@@ -251,13 +246,11 @@ def _v1_batch(body, sig: Signature) -> Batch:
     return Batch(x, top_k)
 
 
-def _v1_array(instance: list, where: str, sig: Signature):
-    import torch
-
+def _v1_array(instance: list, where: str, sig: Signature) -> np.ndarray:
     array = as_numbers(instance, where)
     if array.shape != sig.input_shape:
         _fail(where, f"array shape {list(array.shape)} is not {list(sig.input_shape)}")
-    return torch.from_numpy(array)
+    return array
 
 
 def _v1_image(instance, where: str, budget: PixelBudget) -> tuple[Image.Image, str]:
@@ -276,8 +269,6 @@ def _v1_image(instance, where: str, budget: PixelBudget) -> tuple[Image.Image, s
 
 
 def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
-    import torch
-
     if len(request.inputs) != 1:
         raise InvalidInput(f"expected exactly one input ('image' or 'input'), got {len(request.inputs)}")
     item = request.inputs[0]
@@ -310,7 +301,7 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
                 _fail(where, "contains NaN or infinity")
         if array.size != count:
             _fail(where, f"{array.size} values do not fill shape {shape}")
-        return Batch(torch.from_numpy(array.reshape(shape)), top_k, request)
+        return Batch(array.reshape(shape), top_k, request)
     if raw is not None:
         data = binary.bytes_elements(raw, where)
     if len(shape) != 1 or shape[0] != len(data):
@@ -322,7 +313,7 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
         image = open_image(encoded_image(value, at), at)
         budget.spend(image, at)
         images.append((i, image, at))
-    x = torch.empty(len(data), *sig.input_shape)
+    x = np.empty((len(data), *sig.input_shape), dtype=np.float32)
     _decode_images(x, images, sig)
     return Batch(x, top_k, request)
 

@@ -191,13 +191,9 @@ def logging_config(request_logs: bool) -> dict:
 
 def start(model, settings: ServerSettings, workers: int, http_port: int, grpc_port: int,
           enable_grpc: bool) -> None:
-    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket
-    (workers reuse the exports and quantizations this process already made); blocks."""
+    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket; blocks."""
     settings.apply()
     listen.install()
-    if workers > 1:
-        from components import backends
-        backends.share_exports()
     if enable_grpc:
         # KServe's gRPC server takes its message limit from its parsed arguments: the REST body limit.
         model_server.args.grpc_max_receive_message_length = settings.max_body_bytes

@@ -1,0 +1,29 @@
+"""ONNX Runtime sessions, set up the same way where a backend is measured (components/backends.py,
+in the evaluate step) and where it is served (the predictor, which never imports torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Run = Callable[[np.ndarray], np.ndarray]
+
+
+def session(path: str | Path, threads: int) -> Run:
+    """A CPU session on the ONNX file at ``path`` with a fixed thread count: float32 batch
+    N x 3 x 32 x 32 -> float32 logits."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = onnx.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return onnx.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    return run
