@@ -43,15 +43,26 @@ PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 
 def pin_threads() -> dict[str, str]:
     """Bind each OpenMP thread of torch to one core for the life of the process. The OpenMP
-    runtime reads the binding when torch is imported, so this must run first; settings already in
-    the environment win. Returns the binding in force, empty if torch was already imported (then
-    nothing is changed)."""
+    runtime reads the binding when torch is imported, so this imports torch itself; settings
+    already in the environment win. Returns the binding in force, empty if torch was already
+    imported (then nothing is changed).
+
+    OpenMP also binds the process's initial thread to the first core, and every thread created
+    afterwards inherits that one-core mask: ONNX Runtime's thread pool would share one core and
+    the process would count one CPU. So the initial thread gets the CPUs it had back once torch is
+    loaded; the OpenMP workers keep their own cores."""
     import sys
 
     if "torch" in sys.modules:
         return {}
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     for key, value in PINNED_THREADS.items():
         os.environ.setdefault(key, value)
+    import torch
+
+    torch.get_num_threads()                     # starts the OpenMP runtime, which binds this thread
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     return {key: os.environ[key] for key in PINNED_THREADS}
 
 

@@ -77,9 +77,13 @@ def test_ratio_interval_is_paired_and_covers_the_ratio():
 
 def test_threads_are_pinned_only_before_torch_is_imported():
     assert pin_threads() == {}                                # torch is imported here: nothing changes
-    code = ("from components.measure import pin_threads; import os; print(pin_threads()); import torch; "
-            "print(os.environ['OMP_PROC_BIND'], torch.get_num_threads() > 0)")
+    # OpenMP binds the initial thread to one core; pin_threads gives it back every CPU it had, so
+    # threads created later (ONNX Runtime's pool) and cpu_count() are not confined to that core.
+    code = ("from components.measure import pin_threads; import os; before = os.sched_getaffinity(0); "
+            "print(pin_threads()); import torch; from components.runtime import cpu_count; "
+            "print(os.environ['OMP_PROC_BIND'], torch.get_num_threads() > 0, os.sched_getaffinity(0) == before, "
+            "cpu_count() == len(before))")
     env = {k: v for k, v in os.environ.items() if k not in PINNED_THREADS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines() == [str(PINNED_THREADS), "close True"]
+    assert out.stdout.splitlines() == [str(PINNED_THREADS), "close True True True"]
