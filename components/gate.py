@@ -243,7 +243,7 @@ def served_predictions(model_dir: str | Path, test: dict):
     import torch
 
     from components.artifact import SERVING, serving_format
-    from components.evaluate import EvalData, reference_predictions
+    from components.evaluate import EvalData, predict_all, reference_predictions
     from components.model import load_model_artifact, normalize, verified_card
 
     card = verified_card(model_dir)
@@ -254,7 +254,7 @@ def served_predictions(model_dir: str | Path, test: dict):
         from components.runtime import cpu_count
 
         run = ort.session(Path(model_dir) / card[SERVING]["file"], cpu_count())
-        return torch.cat([torch.from_numpy(run(x[i:i + 512].numpy())).argmax(1) for i in range(0, len(x), 512)])
+        return predict_all(lambda batch: torch.from_numpy(run(batch.numpy())), x)
     model, card = load_model_artifact(model_dir)
     return reference_predictions(EvalData(model, card, x, test["labels"], Path(model_dir)))
 
