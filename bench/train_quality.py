@@ -99,6 +99,8 @@ def main(argv=None) -> int:
                         help="override a recipe parameter (repeatable)")
     parser.add_argument("--tile", type=int, default=1, help="repeat the training split N times (timing)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                        help="share of training tracks held out for validation (0 = train on all, keep the last epoch)")
     parser.add_argument("--time-budget", type=float, default=TrainConfig.time_budget,
                         help="seconds (0 = unlimited: for accuracy experiments on a busy machine)")
     parser.add_argument("--json", help="append one JSON line per run to this file")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
             for epochs in map(int, args.epochs.split(",")):
                 for seed in map(int, args.seeds.split(",")):
                     config = TrainConfig(arch=arch, epochs=epochs, seed=seed, threads=args.threads,
-                                         time_budget=args.time_budget,
+                                         time_budget=args.time_budget, val_fraction=args.val_fraction,
                                          overrides=overrides)
                     result = run_one(data_dir, test, work, config)
                     results.append(result)

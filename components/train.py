@@ -41,9 +41,9 @@ RECIPES = {
                label_smoothing=0.0, schedule="constant", train_images=250_000),
     "signnet": dict(optimizer="adamw", lr=3e-3, batch_size=128, weight_decay=5e-4, augment=True,
                     label_smoothing=0.1, schedule="onecycle", train_images=300_000,
-                    gamma=2.0, rotate=10.0, scale=0.1, translate=0.1),
+                    gamma=2.0, clip_exposure=0.0, rotate=10.0, scale=0.1, translate=0.1),
 }
-AUGMENTATIONS = ("gamma", "rotate", "scale", "translate")     # augment()'s keyword arguments
+AUGMENTATIONS = ("gamma", "clip_exposure", "rotate", "scale", "translate")     # augment()'s keyword arguments
 
 
 SCHEDULES = ("constant", "onecycle")
@@ -105,10 +105,13 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: float = 0.0,
-            rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
+            clip_exposure: float = 0.0, rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
     """uint8 batch -> normalized, augmented float batch, every image drawn independently:
 
-    - exposure: a gamma curve x ** g on [0, 1] pixels, g = gamma ** u, u uniform in [-1, 1]
+    - over- and under-exposure: each image times 2 ** s, s uniform in [-clip_exposure,
+      clip_exposure] stops, clipped to [0, 1] and re-quantized to 8 bits (blown-out highlights,
+      dark images with few grey levels: what per-image standardization cannot undo);
+    - exposure curve: a gamma curve x ** g on [0, 1] pixels, g = gamma ** u, u uniform in [-1, 1]
       (dark and washed-out signs; SignNet's ImageStandardize undoes linear brightness and
       contrast changes, not this one);
     - colour balance: each channel times a gain in 0.85-1.15 (cameras, daylight);
@@ -118,6 +121,9 @@ def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: 
     """
     n = images.shape[0]
     x = images.float().div_(255.0)
+    if clip_exposure:
+        stops = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * clip_exposure
+        x = x.mul_(torch.pow(2.0, stops)).clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
     if gamma:
         x = x.pow_(torch.tensor(gamma).pow(torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1))
     x = standardize(x, mean, std)

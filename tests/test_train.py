@@ -112,6 +112,18 @@ def test_augment_gamma_changes_exposure_per_image_within_its_spread():
     assert level.mean(1).max() > x * 1.3 and level.mean(1).min() < x / 1.3, "both darker and brighter"
 
 
+def test_augment_clip_exposure_blows_out_some_images_and_keeps_others_8_bit():
+    images = torch.full((512, 3, 32, 32), 200, dtype=torch.uint8)
+    images[..., :16] = 100                                 # left half grey, right half bright
+    x = augment(images, [0.0] * 3, [1.0] * 3, torch.Generator().manual_seed(0), clip_exposure=2.0)
+    ratio = x[:, 0, 0, 0] / x[:, 0, 0, 31]                 # same channel: its colour gain cancels
+    assert ratio.max() == 1.0, "over 2.55x brighter: both halves clip to white, the contrast is gone"
+    assert abs(ratio.min() - 0.5) < 0.03, "darker: both scale (re-quantized: 100 -> 25, 200 -> 50)"
+    assert ((ratio > 0.6) & (ratio < 0.9)).any(), "in between: only the bright half clips"
+    assert torch.equal(augment(images, [0.0] * 3, [1.0] * 3, torch.Generator().manual_seed(0)),
+                       augment(images, [0.0] * 3, [1.0] * 3, torch.Generator().manual_seed(0), clip_exposure=0.0))
+
+
 def test_augment_geometry_moves_content_but_keeps_the_frame():
     images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     images[:, :, 12:20, 12:20] = 255                     # a centred bright square
