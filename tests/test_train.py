@@ -212,3 +212,18 @@ def test_affine_grid_is_torchs_affine_grid():
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     expected = F.affine_grid(theta, [6, 3, 32, 32], align_corners=False)
     assert torch.allclose(_affine_grid(cos, sin, tx, ty, 32, 32), expected, atol=1e-6)
+
+
+def test_gaussian_blur_gives_each_image_its_own_sigma_like_torchvision():
+    import torchvision.transforms.functional as TF
+
+    from components.train import gaussian_blur
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.0, 0.7, 1.5])
+    y = gaussian_blur(x, sigma)
+    assert torch.equal(y[0], x[0])                                       # sigma 0: unchanged
+    for i in (1, 2):       # torchvision reflects at the border, we repeat the border pixel: compare the inside
+        want = TF.gaussian_blur(x[i:i + 1], [5, 5], [float(sigma[i])] * 2)[0]
+        assert torch.allclose(y[i][:, 2:-2, 2:-2], want[:, 2:-2, 2:-2], atol=1e-6)
+    assert y[2].std() < y[1].std() < x[0].std()                          # more blur, less detail
