@@ -309,7 +309,7 @@ def roofline_gap(result: dict, batch_gflop: float, peak_rates: list[float]) -> f
 
     rounds = result["latency"][f"batch{BATCH}"].get("round_medians_ms")
     if rounds and len(rounds) == len(peak_rates):
-        return statistics.median(t * rate / batch_gflop / 1e3 for t, rate in zip(rounds, peak_rates))
+        return statistics.median(t * rate / batch_gflop / 1e3 for t, rate in zip(rounds, peak_rates, strict=True))
     return median_ms(result, BATCH) * statistics.median(peak_rates) / batch_gflop / 1e3
 
 

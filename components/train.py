@@ -105,7 +105,8 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: float = 0.0,
-            clip_exposure: float = 0.0, blur: float = 0.0, rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
+            clip_exposure: float = 0.0, blur: float = 0.0, rotate: float = 0.0, scale: float = 0.0,
+            translate: float = 0.0) -> torch.Tensor:
     """uint8 batch -> normalized, augmented float batch, every image drawn independently:
 
     - focus: a Gaussian blur of sigma uniform in [0, ``blur``] pixels (small, distant signs

@@ -1,8 +1,8 @@
 """`make bench`: the fp32 peak derivation, the figures on its last line, and a short real run."""
 
 import json
-import statistics
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -174,7 +174,8 @@ def test_bench_measures_side_by_side_and_ends_with_the_parsable_line(trained_mod
     flops = ran["eager"]["flops_per_image"] * 64
     rates = saved["attainable_gflops_per_round"]
     assert len(rates) == 2 and saved["attainable_gflops"] == pytest.approx(statistics.median(rates))
-    paired = [t * rate / flops * 1e6 for t, rate in zip(ran[winner]["latency"]["batch64"]["round_medians_ms"], rates)]
+    rounds = ran[winner]["latency"]["batch64"]["round_medians_ms"]
+    paired = [t * rate / flops * 1e6 for t, rate in zip(rounds, rates, strict=True)]
     assert float(roofline_gap) == pytest.approx(statistics.median(paired), abs=0.006)
     assert saved["roofline_ms"] == pytest.approx(flops / saved["attainable_gflops"] / 1e6)
     assert saved["attainable_source"] == max(saved["measured_gflops"], key=saved["measured_gflops"].get)
