@@ -139,7 +139,9 @@ KEY_FIGURES = {
     "ingest": lambda o, a: f"{_count(o['raw'], 'train_images')} train + {_count(o['raw'], 'test_images')} "
                            "test images verified",
     "preprocess": lambda o, a: f"{_count(o['data'], 'train_images', 'test_images')} images decoded to 32x32",
-    "train": lambda o, a: f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %",
+    "train": lambda o, a: (f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %"
+                           if "best_val_accuracy" in o["metrics"].metadata else "no validation split, final train "
+                           f"accuracy {o['metrics'].metadata['final_train_accuracy']:.2f} % (augmented)"),
     "evaluate": lambda o, a: (f"b1 median {o['metrics'].metadata['batch1_median_ms']:.3f} ms, accuracy "
                               f"{o['metrics'].metadata['accuracy']:.2f} %"
                               if o["result"].metadata.get("status") == "ok" else "skipped (unavailable here)"),

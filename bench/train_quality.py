@@ -99,8 +99,9 @@ def main(argv=None) -> int:
                         help="override a recipe parameter (repeatable)")
     parser.add_argument("--tile", type=int, default=1, help="repeat the training split N times (timing)")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
-                        help="share of training tracks held out for validation (0 = train on all, keep the last epoch)")
+    parser.add_argument("--val-fraction", type=float,
+                        help="share of training tracks held out for validation (default: the recipe's; 0 = train "
+                             "on all, keep the last epoch)")
     parser.add_argument("--time-budget", type=float, default=TrainConfig.time_budget,
                         help="seconds (0 = unlimited: for accuracy experiments on a busy machine)")
     parser.add_argument("--json", help="append one JSON line per run to this file")
