@@ -43,9 +43,9 @@ RECIPES = {
                label_smoothing=0.0, schedule="constant", train_images=250_000, val_fraction=0.1),
     "signnet": dict(optimizer="adamw", lr=3e-3, batch_size=128, weight_decay=5e-4, augment=True,
                     label_smoothing=0.1, schedule="onecycle", train_images=300_000, val_fraction=0.0,
-                    gamma=2.0, clip_exposure=0.0, blur=0.0, rotate=10.0, scale=0.1, translate=0.1),
+                    gamma=2.0, rotate=10.0, scale=0.1, translate=0.1),
 }
-AUGMENTATIONS = ("gamma", "clip_exposure", "blur", "rotate", "scale", "translate")     # augment()'s keyword arguments
+AUGMENTATIONS = ("gamma", "rotate", "scale", "translate")     # augment()'s keyword arguments
 
 
 SCHEDULES = ("constant", "onecycle")
@@ -107,16 +107,10 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: float = 0.0,
-            clip_exposure: float = 0.0, blur: float = 0.0, rotate: float = 0.0, scale: float = 0.0,
-            translate: float = 0.0) -> torch.Tensor:
+            rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
     """uint8 batch -> normalized, augmented float batch, every image drawn independently:
 
-    - focus: a Gaussian blur of sigma uniform in [0, ``blur``] pixels (small, distant signs
-      upscaled to 32 px);
-    - over- and under-exposure: each image times 2 ** s, s uniform in [-clip_exposure,
-      clip_exposure] stops, clipped to [0, 1] and re-quantized to 8 bits (blown-out highlights,
-      dark images with few grey levels: what per-image standardization cannot undo);
-    - exposure curve: a gamma curve x ** g on [0, 1] pixels, g = gamma ** u, u uniform in [-1, 1]
+    - exposure: a gamma curve x ** g on [0, 1] pixels, g = gamma ** u, u uniform in [-1, 1]
       (dark and washed-out signs; SignNet's ImageStandardize undoes linear brightness and
       contrast changes, not this one);
     - colour balance: each channel times a gain in 0.85-1.15 (cameras, daylight);
@@ -126,11 +120,6 @@ def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: 
     """
     n = images.shape[0]
     x = images.float().div_(255.0)
-    if blur:
-        x = gaussian_blur(x, torch.rand(n, generator=generator) * blur)
-    if clip_exposure:
-        stops = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * clip_exposure
-        x = x.mul_(torch.pow(2.0, stops)).clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
     if gamma:
         x = x.pow_(torch.tensor(gamma).pow(torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1))
     x = standardize(x, mean, std)
@@ -143,19 +132,6 @@ def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: 
         grid = _affine_grid(cos, sin, u[:, 2] * 2 * translate, u[:, 3] * 2 * translate, x.shape[-2], x.shape[-1])
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return x
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 2) -> torch.Tensor:
-    """Each image of ``x`` (N x C x H x W) blurred with its own ``sigma`` (N; 0 = unchanged),
-    separably, border pixels repeated."""
-    n, c, h, w = x.shape
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2 + 1e-6))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)          # (N*C) x (2r+1)
-    y = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="replicate")
-    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
-    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
-    return y.view(n, c, h, w)
 
 
 def _affine_grid(cos, sin, tx, ty, height: int, width: int) -> torch.Tensor:
