@@ -316,6 +316,7 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
             break
         epoch_start = time.perf_counter()
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        epoch_images = min(len(order), epoch_batches(len(order), recipe["batch_size"]) * recipe["batch_size"])
         total_loss, correct, n = train_epoch(model, opt, clock, images, labels, order, mean, std, recipe, gen)
         if n == 0:
             break
@@ -325,10 +326,12 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
                  "val_accuracy": accuracy(model, x_val, y_val, mean, std) if len(val_idx) else float("nan"),
                  "images_per_second": n / seconds, "seconds": seconds, "images": n}
         history.append({"epoch": epoch, **stats})
+        val = f" val acc {stats['val_accuracy']:.2f}%" if len(val_idx) else ""
         print(f"train: epoch {epoch}/{epochs} loss {stats['train_loss']:.4f} "
-              f"train acc {stats['train_accuracy']:.2f}% val acc {stats['val_accuracy']:.2f}% "
-              f"({stats['images_per_second']:.0f} img/s incl. augmentation, {seconds:.1f}s + validation)"
-              + ("" if n == len(order) else f" — time budget reached after {n} images"), flush=True)
+              f"train acc {stats['train_accuracy']:.2f}%{val} "
+              f"({stats['images_per_second']:.0f} img/s incl. augmentation, {seconds:.1f}s"
+              + (" + validation)" if len(val_idx) else ")")
+              + ("" if n == epoch_images else f" — time budget reached after {n} images"), flush=True)
         if on_epoch:
             on_epoch(epoch, stats)
         score = stats["val_accuracy"] if len(val_idx) else 0.0    # no validation: keep the last epoch
@@ -366,8 +369,9 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
     }
     card["calibration"] = save_calibration_sample(output_dir, images[train_idx])
     card = save_model_artifact(output_dir, model, card)
-    print(f"train: done in {wall:.1f}s ({seen / wall:.0f} img/s), best epoch {best['epoch']} "
-          f"val acc {card['training']['val_accuracy']}", flush=True)
+    print(f"train: done in {wall:.1f}s ({seen / wall:.0f} img/s), kept epoch {best['epoch']}"
+          + (f", val acc {best['val_accuracy']:.2f}%" if len(val_idx) else " (the last: no validation split)"),
+          flush=True)
     return card
 
 
