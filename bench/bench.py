@@ -133,13 +133,12 @@ def gemm_kernels(n: int) -> dict:
             f"oneDNN 1x1 convolution (GEMM 1024x{n}x{n})": _onednn_gemm(n)}
 
 
-def gemm_gflops(n: int = 2048, min_seconds: float = 3.0, min_repeats: int = 5) -> dict[str, float]:
-    """The best rate of each GEMM over at least ``min_seconds`` and ``min_repeats`` runs each,
-    the two alternating. A peak is a maximum: noise (another process, a hypervisor taking the
-    core, a clock still ramping) only ever lowers a run, so the best of many, spread over
-    seconds, is the figure that repeats (5 runs in half a second gave 129-177 GFLOP/s on one
-    idle Zen 3 across three bench runs)."""
-    kernels = gemm_kernels(n)
+def gemm_gflops(kernels: dict, min_seconds: float = 3.0, min_repeats: int = 5) -> dict[str, float]:
+    """The best rate of each of ``kernels`` (:func:`gemm_kernels`) over at least ``min_seconds`` and
+    ``min_repeats`` runs each, the two alternating: printed, and it picks the faster kernel. It is
+    not the roofline's peak: on a VM the rate drifts for seconds at a time (127.9-180.8 GFLOP/s from
+    this 3 s check across three runs on one idle Zen 3), so :func:`measure` times the faster kernel
+    again in every timing round."""
     best = dict.fromkeys(kernels, float("inf"))
     for run, _ in kernels.values():
         run()                                              # warm-up: allocation, kernel selection
@@ -428,8 +427,8 @@ def main(argv=None) -> int:
           f"{threads} threads\n{peak.derivation()}")
     print("threads pinned: " + (", ".join(f"{k}={v}" for k, v in pinned.items()) if pinned
                                 else "no (torch was imported before bench.main)"))
-    n = args.sgemm_size
-    measured = gemm_gflops(n)
+    kernels = gemm_kernels(args.sgemm_size)
+    measured = gemm_gflops(kernels)
     for name, gflops in measured.items():
         print(f"measured fp32: {name} on {threads} threads = {gflops:.1f} GFLOP/s = "
               f"{100 * gflops / peak.gflops:.0f} % of the spec-sheet peak", flush=True)
@@ -461,7 +460,7 @@ def main(argv=None) -> int:
     meter = LoadMeter()
     meter.start()
     results, peak_rates = measure(data, names, threads, args.runs, args.rounds, args.warmup,
-                                  peak_kernel=gemm_kernels(n)[source])
+                                  peak_kernel=kernels[source])
     load = meter.stop()
     attainable = statistics.median(peak_rates)
     roofline_ms = batch_gflop / attainable * 1e3

@@ -303,7 +303,9 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
     model = build_model(config.arch).to(memory_format=torch.channels_last)
     opt = _optimizer(model, recipe)
     epochs = config.epochs or planned_epochs(recipe["train_images"], len(train_idx))
-    clock = Clock(epoch_batches(len(train_idx), recipe["batch_size"]) * epochs, config.time_budget, start)
+    steps_per_epoch = epoch_batches(len(train_idx), recipe["batch_size"])
+    epoch_images = min(len(train_idx), steps_per_epoch * recipe["batch_size"])   # a whole epoch trains on these
+    clock = Clock(steps_per_epoch * epochs, config.time_budget, start)
     print(f"train: {config.arch}, {len(train_idx)} train / {len(val_idx)} val images "
           f"({val_tracks} held-out tracks), {epochs} epochs, {threads} threads, "
           f"time budget {config.time_budget or 'none'} s, recipe {recipe}", flush=True)
@@ -316,7 +318,6 @@ def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfi
             break
         epoch_start = time.perf_counter()
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        epoch_images = min(len(order), epoch_batches(len(order), recipe["batch_size"]) * recipe["batch_size"])
         total_loss, correct, n = train_epoch(model, opt, clock, images, labels, order, mean, std, recipe, gen)
         if n == 0:
             break
