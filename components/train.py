@@ -43,9 +43,9 @@ RECIPES = {
                label_smoothing=0.0, schedule="constant", train_images=250_000, val_fraction=0.1),
     "signnet": dict(optimizer="adamw", lr=3e-3, batch_size=128, weight_decay=5e-4, augment=True,
                     label_smoothing=0.1, schedule="onecycle", train_images=300_000, val_fraction=0.0,
-                    gamma=2.0, rotate=10.0, scale=0.1, translate=0.1),
+                    overexpose=0.2, gamma=2.0, rotate=10.0, scale=0.1, translate=0.1),
 }
-AUGMENTATIONS = ("gamma", "rotate", "scale", "translate")     # augment()'s keyword arguments
+AUGMENTATIONS = ("overexpose", "gamma", "rotate", "scale", "translate")     # augment()'s keyword arguments
 
 
 SCHEDULES = ("constant", "onecycle")
@@ -106,10 +106,16 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
 
 
-def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: float = 0.0,
-            rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
+OVEREXPOSE_STOPS = (1.0, 3.5)   # augment(): over-exposure range, in stops (factors 2 to 11.3)
+
+
+def augment(images: torch.Tensor, mean, std, generator: torch.Generator, overexpose: float = 0.0,
+            gamma: float = 0.0, rotate: float = 0.0, scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
     """uint8 batch -> normalized, augmented float batch, every image drawn independently:
 
+    - over-exposure: with probability ``overexpose``, the image times 2 ** s, s uniform in
+      OVEREXPOSE_STOPS, clipped to [0, 1] and re-quantized to 8 bits (blown-out signs whose red
+      ring has turned white: what neither per-image standardization nor the gamma curve makes);
     - exposure: a gamma curve x ** g on [0, 1] pixels, g = gamma ** u, u uniform in [-1, 1]
       (dark and washed-out signs; SignNet's ImageStandardize undoes linear brightness and
       contrast changes, not this one);
@@ -120,6 +126,11 @@ def augment(images: torch.Tensor, mean, std, generator: torch.Generator, gamma: 
     """
     n = images.shape[0]
     x = images.float().div_(255.0)
+    if overexpose:
+        blown = torch.rand(n, 1, 1, 1, generator=generator) < overexpose
+        low, high = OVEREXPOSE_STOPS
+        stops = torch.where(blown, low + torch.rand(n, 1, 1, 1, generator=generator) * (high - low), torch.zeros(()))
+        x = x.mul_(torch.pow(2.0, stops)).clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
     if gamma:
         x = x.pow_(torch.tensor(gamma).pow(torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1))
     x = standardize(x, mean, std)

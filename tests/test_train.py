@@ -113,6 +113,22 @@ def test_augment_gamma_changes_exposure_per_image_within_its_spread():
     assert level.mean(1).max() > x * 1.3 and level.mean(1).min() < x / 1.3, "both darker and brighter"
 
 
+def test_augment_overexpose_blows_out_a_share_of_images_and_clips_them():
+    images = torch.full((2000, 3, 32, 32), 100, dtype=torch.uint8)
+    images[..., :16] = 200                               # a bright left half, twice the right half
+    out = augment(images, [0.0] * 3, [1.0] * 3, torch.Generator().manual_seed(0), overexpose=0.2)
+    ratio = out[:, :, 0, 0] / out[:, :, 0, 31]           # left / right, per image and channel: the gain cancels
+    kept = (ratio - 2.0).abs() < 1e-5                    # untouched images keep the ratio exactly
+    assert kept.all(1).eq(kept.any(1)).all(), "an image is blown out as a whole, all channels"
+    blown = ~kept[:, 0]
+    assert 0.17 < blown.float().mean() < 0.23
+    # x 2 to x 11.3 clips the bright half at 1.0 and the dark half (100/255 x 2**s) at or near it
+    assert (ratio[blown] >= 1.0 - 1e-5).all() and (ratio[blown] <= 255 / 200 + 1e-5).all()
+    assert (ratio[blown] == 1.0).float().mean() > 0.7    # most blown images: both halves white
+    level = out[blown][:, :, 0, 31] / out[blown][:, :, 0, 0]          # dark half in [0, 1], 8-bit steps
+    assert torch.allclose(level * 255, (level * 255).round(), atol=1e-3)
+
+
 def test_augment_geometry_moves_content_but_keeps_the_frame():
     images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     images[:, :, 12:20, 12:20] = 255                     # a centred bright square
