@@ -90,7 +90,7 @@ class ImageStandardize(nn.Module):
     GTSRB crops range from near-black to washed out. Normalizing each image as a whole (not each
     channel, so a sign's colours keep their ratios) makes the network invariant to overall
     brightness and contrast (linear changes) by construction; non-linear exposure changes are
-    left to the training recipe's gamma augmentation.
+    left to the training recipe's exposure augmentations (gamma curve, clipped over-exposure).
     """
 
     def __init__(self, eps: float = 1e-3):
