@@ -1,8 +1,10 @@
 """Step 3 — train: a plain PyTorch training loop on the preprocessed uint8 tensors.
 
-Validation images are whole GTSRB tracks (~30 frames of one physical sign) held out from
-training, so validation accuracy is honest; the best epoch on validation is kept.
-Augmentation (exposure, colour balance, small rotations/zooms/shifts: :func:`augment`) runs
+Where the recipe holds a validation split (``val_fraction``; `lp`), its images are whole GTSRB
+tracks (~30 frames of one physical sign) held out from training, so validation accuracy is
+honest, and the best epoch on validation is kept; without one (`signnet`), every track trains and
+the last epoch is kept. Augmentation (over-exposure, exposure curve, colour balance, small
+rotations/zooms/shifts: :func:`augment`) runs
 on whole batches, never per-image PIL. The run's length is the recipe's number of images seen
 unless ``epochs`` is given; the learning-rate schedule switches from step progress to time
 progress when the run would overrun its time budget, so training ends on time even on a slow
@@ -288,7 +290,8 @@ def train_epoch(model, opt, clock: Clock, images, labels, order, mean, std, reci
 
 
 def train_model(data_dir: str, output_dir: str, config: TrainConfig = TrainConfig(), on_epoch=None) -> dict:
-    """Train, keep the best validation epoch, write weights + model card to ``output_dir``.
+    """Train, keep the best validation epoch (the last one without a validation split), write
+    weights + model card to ``output_dir``.
 
     Best epoch: the latest one whose validation accuracy is within one standard error
     (:func:`selection_tolerance`) of the highest, so a tiny, noisy validation set cannot pick an

@@ -13,6 +13,7 @@ from components.train import (
     accuracy,
     augment,
     channel_stats,
+    epoch_batches,
     lr_factor,
     selection_tolerance,
     split_by_track,
@@ -223,8 +224,6 @@ def test_affine_grid_is_torchs_affine_grid():
 
 
 def test_an_epoch_leaves_out_a_last_batch_of_a_few_images():
-    from components.train import epoch_batches
-
     assert epoch_batches(258, 128) == 2                    # 128 + 128 (+ 2 left out)
     assert epoch_batches(22_625, 128) == 177               # gtsrb-dev: the last 97 train
     assert epoch_batches(39_209, 128) == 307               # full GTSRB: the last 41 train
