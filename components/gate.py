@@ -31,6 +31,7 @@ from pathlib import Path
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 from components import rollout
+from components.artifact import ModelArtifactError
 from components.kfp_step import step
 
 PROMOTE, KEEP = "promote", "keep"
@@ -288,7 +289,10 @@ def run_gate(model_dir: str, model_uri: str, data_dir: str, find_champion, max_r
         if found is None:
             no_champion = "nothing is served yet"
         else:
-            theirs = served_predictions(found.model_dir, test)
+            try:
+                theirs = served_predictions(found.model_dir, test)
+            except ModelArtifactError as e:   # verified, but this code cannot run it (an older network)
+                raise ChampionRecordError(f"{found.source}: the champion's model cannot be run: {e}") from None
             paired = paired_counts(mine, theirs, labels)
             p_value = mcnemar_exact(paired["challenger_only"], paired["champion_only"])
             record = found.record

@@ -319,6 +319,37 @@ def test_bad_local_champion_records(trained_model, tmp_path):
         gate.local_champion(directory)
 
 
+def older_signnet(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` rewritten as a signnet artifact from before ImageStandardize had its window
+    buffer: verified (sha256s match), but its weights do not fit today's network."""
+    import torch
+
+    from components.artifact import sha256_file
+    from components.model import build_model
+
+    shutil.copytree(model_dir, out)
+    state = {k: v for k, v in build_model("signnet").state_dict().items() if k != "features.0.window"}
+    torch.save(state, out / "model.pt")
+    card = json.loads((out / "model_card.json").read_text())
+    card.update(architecture="signnet", weights_sha256=sha256_file(out / "model.pt"))
+    (out / "model_card.json").write_text(json.dumps(card))
+    return out
+
+
+def test_a_champion_this_code_cannot_run_blocks_promotion(trained_model, prepared, tmp_path):
+    from components.model import ModelArtifactError, load_model_artifact
+
+    old = older_signnet(trained_model, tmp_path / "old")
+    with pytest.raises(ModelArtifactError, match=r"features\.0\.window.*older version of the network; train it again"):
+        load_model_artifact(old)
+    directory = tmp_path / "champion"
+    gate.install_local_champion(directory, old, local_record(old))
+    result = gate.run_gate(str(trained_model), str(trained_model), str(prepared),
+                           lambda: gate.local_champion(directory))
+    assert "the champion's model cannot be run" in _problem(result) and "train it again" in result["problem"]
+    assert result["challenger"]["accuracy"] > 0
+
+
 # --------------------------------------------------------------------------- the graph
 @pytest.fixture(scope="module")
 def ir(compiled_ir):

@@ -51,20 +51,35 @@ def test_image_standardize_removes_brightness_and_contrast_but_keeps_colour():
     x = torch.randn(4, 3, 32, 32)    # normalized images: per-channel mean 0, std 1
     y = standardize(x)
     assert torch.allclose(y, standardize(2.5 * x - 0.7), rtol=1e-3, atol=1e-4)   # up to eps
-    assert y.mean(dim=(1, 2, 3)).abs().max() < 1e-5
-    assert torch.allclose(y.var(dim=(1, 2, 3)), torch.ones(4), atol=1e-2)
+    centre = y[:, :, 8:24, 8:24]                  # the statistics are the central 16 x 16's
+    assert centre.mean(dim=(1, 2, 3)).abs().max() < 1e-5
+    assert torch.allclose(centre.var(dim=(1, 2, 3)), torch.ones(4), atol=1e-2)
     red, blue = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
     red[:, 0, 8:24, 8:24] = 1.0
     blue[:, 2, 8:24, 8:24] = 1.0
     assert not torch.allclose(standardize(red), standardize(blue))
     flat = standardize(torch.full((1, 3, 32, 32), 0.3))
-    assert torch.equal(flat, torch.zeros_like(flat))
+    assert torch.allclose(flat, torch.zeros_like(flat), atol=1e-5)    # no contrast: no division blow-up
 
 
 def test_to_uint8_32_resizes_any_crop_and_keeps_its_colour():
     tensor = to_uint8_32(Image.new("RGB", (61, 45), (200, 30, 90)))
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 32, 32)
     assert tensor[:, 16, 16].tolist() == [200, 30, 90]
+
+
+def test_image_standardize_ignores_the_background_and_refuses_other_windows():
+    standardize = ImageStandardize()
+    x = torch.randn(2, 3, 32, 32)
+    sky = x.clone()
+    sky[:, :, :4] = 5.0                           # a bright band of sky above the sign
+    assert torch.equal(standardize(sky)[:, :, 8:24, 8:24], standardize(x)[:, :, 8:24, 8:24])
+    whole = {k: v for k, v in build_model("signnet").state_dict().items() if not k.endswith("window")}
+    with pytest.raises(RuntimeError, match="features.0.window"):   # weights from whole-image statistics
+        build_model("signnet").load_state_dict(whole)
+    wide = ImageStandardize(window=24)
+    wide.load_state_dict(ImageStandardize().state_dict())         # a saved window wins over the default
+    assert torch.equal(wide(x), standardize(x))
 
 
 def test_normalize_scales_then_standardizes_per_channel():

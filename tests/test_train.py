@@ -194,12 +194,14 @@ def test_a_budget_spent_before_the_first_epoch_says_so_and_writes_nothing(prepar
     assert not (tmp_path / "model").exists()
 
 
-def test_default_beats_lp_on_unseen_real_signs_after_three_epochs(sample_data, tmp_path):
-    """The pipeline's short smoke run (--epochs 3 on the sample) must stay well above 15 %."""
+def test_default_beats_lp_on_unseen_real_signs_after_five_epochs(sample_data, tmp_path):
+    """The pipeline's short smoke run (--epochs 5 on the sample, the workflow's default) must stay
+    well above 15 %. (The centre-statistics signnet starts slower than the whole-image one did: 3
+    epochs gave 12.9 % on seed 0, 5 epochs 31.8 %; docs/model.md.)"""
     test = load_split(sample_data, "test")
     scores = {}
     for arch in ("lp", DEFAULT_ARCH):
-        train_model(str(sample_data), str(tmp_path / arch), TrainConfig(arch=arch, epochs=3, seed=0))
+        train_model(str(sample_data), str(tmp_path / arch), TrainConfig(arch=arch, epochs=5, seed=0))
         model, card = load_model_artifact(tmp_path / arch)
         norm = card["normalization"]
         scores[arch] = accuracy(model, test["images"], test["labels"], norm["mean"], norm["std"])
