@@ -129,8 +129,9 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class SignNet(nn.Module):
-    """Default network: per-image standardization, three conv-pool-BN blocks (width w, 2w, 4w:
-    32 -> 16 -> 8 -> 4 px), one more 3x3 conv at 4x4, dropout, a 128-unit hidden layer, linear head.
+    """Default network: per-image standardization (centre statistics), three conv-pool-BN blocks
+    (width w, 2w, 4w: 32 -> 16 -> 8 -> 4 px), one more 3x3 conv at 4x4, dropout, a 128-unit hidden
+    layer, linear head.
     25.9 MFLOPs per image at w = 32. Why this shape: docs/model.md."""
 
     def __init__(self, width: int = 32, dropout: float = 0.3):
