@@ -102,12 +102,16 @@ class ImageStandardize(nn.Module):
         super().__init__()
         self.eps = eps
         self.register_buffer("window", torch.tensor(window))
-        self._lo, self._hi = (32 - window) // 2, (32 + window) // 2
+        self._set_bounds()
+
+    def _set_bounds(self):
+        """The centre's rows/columns, as Python ints (a slice export and compile see as constants)."""
+        self._lo = (IMAGE_SIZE - int(self.window)) // 2
+        self._hi = self._lo + int(self.window)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        window = int(self.window)
-        self._lo, self._hi = (32 - window) // 2, (32 + window) // 2
+        self._set_bounds()                  # the saved window wins over the constructor's
 
     def forward(self, x):
         centre = x[:, :, self._lo:self._hi, self._lo:self._hi]
@@ -220,7 +224,8 @@ def load_model_artifact(directory: str | Path) -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except RuntimeError as e:     # e.g. a signnet trained before ImageStandardize had its window
-        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        lines = str(e).splitlines()   # torch: "Error(s) in loading state_dict for X:", then the problems
+        detail = lines[1].strip() if len(lines) > 1 else str(e)
         raise ModelArtifactError(f"{directory}: its weights do not fit this code's {card['architecture']!r} network "
                                  f"({detail}): an artifact of an older version of the network; train it again"
                                  ) from None
