@@ -136,8 +136,8 @@ def http_request(path: str, body: bytes, binary_header_length: int | None = None
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def v2_fp32_requests(image: bytes, model_dir: str) -> dict[str, bytes]:
-    """The image as the normalized 1x3x32x32 FP32 tensor a client computes: V2 binary and V2 JSON."""
+def client_tensor(image: bytes, model_dir: str):
+    """The image as the normalized float32 1x3x32x32 array a client computes (numpy)."""
     import io
 
     from PIL import Image
@@ -145,7 +145,12 @@ def v2_fp32_requests(image: bytes, model_dir: str) -> dict[str, bytes]:
     from components.model import CARD_FILE, normalize, to_uint8_32
 
     norm = json.loads((Path(model_dir) / CARD_FILE).read_text())["normalization"]
-    x = normalize(to_uint8_32(Image.open(io.BytesIO(image))).unsqueeze(0), norm["mean"], norm["std"]).numpy()
+    return normalize(to_uint8_32(Image.open(io.BytesIO(image))).unsqueeze(0), norm["mean"], norm["std"]).numpy()
+
+
+def v2_fp32_requests(image: bytes, model_dir: str) -> dict[str, bytes]:
+    """The image as the normalized 1x3x32x32 FP32 tensor a client computes: V2 binary and V2 JSON."""
+    x = client_tensor(image, model_dir)
     tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape)}
     header = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}]})
     return {"kserve-v2bin": http_request(KSERVE_V2_PATH, header + x.tobytes(), len(header)),
@@ -274,27 +279,58 @@ def run_rounds(servers: dict, levels: list[int], duration: float, rounds: int) -
     return {name: {c: summarize(*slices[name, c]) for c in levels} for name in servers}
 
 
-def ratio_line(results: dict, concurrency: int) -> str:
+def model_ms(model_dir: str, backend: str, threads: int, image: bytes, seconds: float = 3.0) -> float:
+    """The served model alone on one image (batch 1, ``threads`` threads, as in a worker), in this
+    process: median milliseconds over ``seconds``. What no server code can save."""
+    from components.serving.model import prepare_served
+
+    run, _ = prepare_served(model_dir, backend, threads=threads)
+    x = client_tensor(image, model_dir)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * percentile(times[len(times) // 10:], 50)       # the first tenth warms up
+
+
+def noop_bound(results: dict, concurrency: int, model: float) -> float:
+    """The kserve_vs_noop of a predictor that costs the no-op's server CPU plus the model and nothing
+    else: noop CPU / (noop CPU + model), per request (a CPU-bound server's req/s is inversely
+    proportional to its CPU per request)."""
+    noop = results["noop"][concurrency]["cpu_ms"]
+    return noop / (noop + model)
+
+
+def ratio_line(results: dict, concurrency: int, model: float | None = None) -> str:
     def rps(name):
         return results[name][concurrency]["rps"]
 
     line = (f"kserve_vs_flask={rps('kserve') / rps('flask'):.2f}x "
             f"kserve_vs_gunicorn={rps('kserve') / rps('gunicorn'):.2f}x "
             f"kserve_vs_noop={rps('kserve') / rps('noop'):.2f}x")
+    if model is not None:
+        line += f" noop_bound={noop_bound(results, concurrency, model):.2f}x"
     if "kserve-v2bin" in results:
         line += f" v2bin_vs_v1={rps('kserve-v2bin') / rps('kserve'):.2f}x"
     return line
 
 
-def report(results: dict, levels: list[int]) -> list[str]:
-    """The table (server CPU ms/request: its processes' CPU time per answered request) + the ratio line."""
+def report(results: dict, levels: list[int], model: float | None = None) -> list[str]:
+    """The table (server CPU ms/request: its processes' CPU time per answered request), the model's
+    own time, and the ratio line (noop_bound: the kserve_vs_noop the model alone allows)."""
     lines = [f"{'server':<14}{'conc':>5}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}"]
     for name, result in results.items():
         for c in levels:
             r = result[c]
             lines.append(f"{name:<14}{c:>5}{r['requests']:>10}{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                          f"{r['cpu_ms']:>12.2f}")
-    lines.append(ratio_line(results, max(levels)))
+    if model is not None:
+        c = max(levels)
+        lines.append(f"the model alone: {model:.3f} ms per image (batch 1, in-process); at c={c} kserve spends "
+                     f"{results['kserve'][c]['cpu_ms'] - results['noop'][c]['cpu_ms']:.3f} ms of server CPU per "
+                     f"request more than the no-op, of which the model is {model:.3f}")
+    lines.append(ratio_line(results, max(levels), model))
     return lines
 
 
@@ -340,6 +376,9 @@ def main(argv=None) -> int:
     print(f"bench-serve: model {model_dir}, backend {backend}, image {args.image.name} ({args.image.stat().st_size} "
           f"bytes), {args.workers} workers, {args.duration:g}s per level, load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    threads = max(1, cpu_count() // args.workers)      # as each KServe worker runs it
+    model = model_ms(model_dir, backend, threads, args.image.read_bytes())
+    print(f"the model alone: {model:.3f} ms per image (batch 1, {threads} thread(s))", flush=True)
     with ExitStack() as stack:
         servers, answers = {}, {}
         for name in SERVERS:                 # all up (idle ones use no CPU), then measured in turns
@@ -359,7 +398,7 @@ def main(argv=None) -> int:
         if len({a["class_id"] for name, a in answers.items() if name != "noop"}) != 1:
             raise SystemExit(f"servers disagree on the image's class: {answers}")
         results = run_rounds(servers, levels, args.duration, args.rounds)
-    print("\n".join(report(results, levels)))
+    print("\n".join(report(results, levels, model)))
     return 0
 
 

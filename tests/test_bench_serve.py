@@ -8,7 +8,7 @@ import pytest
 from bench import bench_serve
 
 LAST_LINE = re.compile(r"^kserve_vs_flask=\d+\.\d\dx kserve_vs_gunicorn=\d+\.\d\dx kserve_vs_noop=\d+\.\d\dx "
-                       r"v2bin_vs_v1=\d+\.\d\dx$")
+                       r"noop_bound=\d+\.\d\dx v2bin_vs_v1=\d+\.\d\dx$")
 
 
 def parse(raw: bytes):
@@ -49,6 +49,12 @@ def test_report_ends_with_the_ratio_line():
     assert len(lines) == 1 + 10 + 1                   # header, a row per server and level, the ratios
     assert lines[1].split() == ["kserve", "1", "50", "100.0", "1.00", "2.00", "2.00"]   # 0.1 CPU-s / 50
     assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x kserve_vs_noop=0.75x v2bin_vs_v1=2.00x"
+    # with the model's own time: the no-op's 2 ms CPU per request + 0.5 ms of model allow 0.80x
+    lines = bench_serve.report(results, [1, 8], model=0.5)
+    assert lines[-2] == ("the model alone: 0.500 ms per image (batch 1, in-process); at c=8 kserve spends 0.000 ms "
+                         "of server CPU per request more than the no-op, of which the model is 0.500")
+    assert lines[-1] == ("kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x kserve_vs_noop=0.75x noop_bound=0.80x "
+                         "v2bin_vs_v1=2.00x")
 
 
 @pytest.mark.slow

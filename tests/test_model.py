@@ -89,6 +89,24 @@ def test_normalize_scales_then_standardizes_per_channel():
     assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 0.5]
 
 
+def test_the_predictors_in_place_normalizer_equals_the_two_step_transform():
+    """transforms.Normalizer (scale and shift folded, written into the batch row) = to_uint8_32 then
+    normalize, for RGB and for the modes that need converting (grey, alpha, palette)."""
+    import numpy as np
+
+    from components import transforms
+
+    mean, std = [0.34, 0.31, 0.32], [0.27, 0.25, 0.26]
+    normalizer, rng = transforms.Normalizer(mean, std), np.random.default_rng(0)
+    for mode, size in (("RGB", (35, 35)), ("RGB", (97, 61)), ("L", (40, 33)), ("RGBA", (29, 31)), ("P", (50, 50))):
+        pixels = rng.integers(0, 256, (size[1], size[0], len(mode) if mode != "P" else 1), dtype=np.uint8)
+        image = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, mode)
+        out = np.full((3, 32, 32), np.nan, dtype=np.float32)
+        normalizer.into(out, image)
+        expected = transforms.normalize(transforms.to_uint8_32(image)[None], mean, std)[0]
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6, err_msg=mode)
+
+
 def test_artifact_round_trip_and_tampered_weights(tmp_path):
     model = build_model(DEFAULT_ARCH).eval()
     card = save_model_artifact(tmp_path, model, {"architecture": DEFAULT_ARCH})

@@ -19,6 +19,7 @@ import numpy as np
 from kserve import Model, model_server
 from kserve import logging as kserve_logging
 
+from components import transforms
 from components.artifact import SERVING, ModelArtifactError, check_served, serving_format, verified_card
 from components.cluster import INFERENCE_SERVICE
 from components.runtime import cpu_count
@@ -79,10 +80,14 @@ def _torch_run(model_dir: str | Path, backend: str, card: dict, threads: int):
 
 def top_classes(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over the classes, then the ``k`` most probable: (class ids, probabilities), each
-    N x k, best first (ties: lower class id first)."""
-    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    p = e / e.sum(axis=1, keepdims=True)
+    N x k, best first (ties: lower class id first). k = 1, every default request, takes argmax
+    instead of a sort (a third of the time for one image)."""
+    p = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    if k == 1:                          # argmax: the first of equal maxima, as the stable sort
+        ids = p.argmax(axis=1)
+        return ids[:, None], p[np.arange(len(p)), ids][:, None]
     ids = np.argsort(-p, axis=1, kind="stable")[:, :k]
     return ids, np.take_along_axis(p, ids, axis=1)
 
@@ -113,9 +118,8 @@ class GTSRBModel(Model):
         self.input_shape = tuple(card["input_shape"])
         norm = card["normalization"]
         self.signature = protocol.Signature(
-            self.input_shape, tuple(self.class_names),
-            np.asarray(norm["mean"], dtype=np.float32).reshape(1, -1, 1, 1),
-            np.asarray(norm["std"], dtype=np.float32).reshape(1, -1, 1, 1), self.max_batch, self.max_pixels)
+            self.input_shape, tuple(self.class_names), transforms.Normalizer(norm["mean"], norm["std"]),
+            self.max_batch, self.max_pixels)
         self.weights_sha256 = card["weights_sha256"]
         self.served_sha256 = card.get(SERVING, {}).get("sha256", self.weights_sha256)
         self.buckets = batch_buckets(self.max_batch)

@@ -15,7 +15,6 @@ Answers: class id, class name and probability per instance (and the top k when a
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import io
@@ -49,8 +48,7 @@ class Signature:
     the largest batch the server accepts."""
     input_shape: tuple[int, ...]
     class_names: tuple[str, ...]
-    mean: np.ndarray                     # float32 1 x 3 x 1 x 1
-    std: np.ndarray
+    normalizer: transforms.Normalizer    # the model card's per-channel mean and std
     max_batch: int
     max_pixels: int = MAX_REQUEST_PIXELS
 
@@ -75,8 +73,8 @@ def _fail(where: str, message: str):
 def decode_base64(value, where: str) -> bytes:
     if not isinstance(value, (str, bytes)):
         _fail(where, f"expected a base64 string, got {type(value).__name__}")
-    try:
-        data = base64.b64decode(value, validate=True)
+    try:                              # strict: only the base64 alphabet, padding only at the end
+        data = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as e:
         _fail(where, f"not valid base64 ({e})")
     if not data:
@@ -101,12 +99,12 @@ def open_image(data: bytes, where: str) -> Image.Image:
     return image
 
 
-def decode_image(image: Image.Image, where: str) -> np.ndarray:
-    """An opened image -> uint8 3x32x32 array through the training transform."""
+def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: transforms.Normalizer) -> None:
+    """An opened image -> ``out`` (float32 3x32x32) through the training transform, normalized."""
     try:
         with image:
             image.load()
-            return transforms.to_uint8_32(image)
+            normalizer.into(out, image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
 
@@ -204,7 +202,7 @@ def grpc_parameters(parameters) -> dict:
 def _decode_images(x: np.ndarray, images: list, sig: Signature) -> None:
     """Decode the opened images into their rows of ``x``, normalized: [(row, image, where)]."""
     for i, image, where in images:
-        x[i] = transforms.normalize(decode_image(image, where)[None], sig.mean, sig.std)[0]
+        decode_image(image, where, x[i], sig.normalizer)
 
 
 # --------------------------------------------------------------------------- requests
