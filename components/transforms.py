@@ -39,8 +39,8 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 class Normalizer:
     """:func:`normalize` for one image at a time, written in place: the per-channel scale and
     shift are folded once (x / 255 - mean) / std = x * scale - shift, so an image costs one
-    multiply and one subtract (the predictor's per-request path; equal to :func:`normalize`
-    within 1 ulp-level rounding, < 1e-6)."""
+    multiply and one subtract (the predictor's per-request path). Equal to :func:`normalize`
+    up to float32 rounding (< 1e-6, tests/test_model.py)."""
 
     def __init__(self, mean, std):
         mean = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
