@@ -221,8 +221,9 @@ def load_model_artifact(directory: str | Path) -> tuple[nn.Module, dict]:
     card = verified_card(directory)
     model = build_model(card["architecture"])
     weights = Path(directory) / card.get("weights_file", WEIGHTS_FILE)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError as e:     # e.g. a signnet trained before ImageStandardize had its window
         lines = str(e).splitlines()   # torch: "Error(s) in loading state_dict for X:", then the problems
         detail = lines[1].strip() if len(lines) > 1 else str(e)
