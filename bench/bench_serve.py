@@ -327,9 +327,9 @@ def report(results: dict, levels: list[int], model: float | None = None) -> list
                          f"{r['cpu_ms']:>12.2f}")
     if model is not None:
         c = max(levels)
-        lines.append(f"the model alone: {model:.3f} ms per image (batch 1, in-process); at c={c} kserve spends "
-                     f"{results['kserve'][c]['cpu_ms'] - results['noop'][c]['cpu_ms']:.3f} ms of server CPU per "
-                     f"request more than the no-op, of which the model is {model:.3f}")
+        lines.append(f"at c={c} kserve spends {results['kserve'][c]['cpu_ms'] - results['noop'][c]['cpu_ms']:.3f} ms "
+                     f"of server CPU per request more than the no-op; the model alone takes {model:.3f} ms per "
+                     "image (batch 1, in-process)")
     lines.append(ratio_line(results, max(levels), model))
     return lines
 

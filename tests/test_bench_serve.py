@@ -51,8 +51,8 @@ def test_report_ends_with_the_ratio_line():
     assert lines[-1] == "kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x kserve_vs_noop=0.75x v2bin_vs_v1=2.00x"
     # with the model's own time: the no-op's 2 ms CPU per request + 0.5 ms of model allow 0.80x
     lines = bench_serve.report(results, [1, 8], model=0.5)
-    assert lines[-2] == ("the model alone: 0.500 ms per image (batch 1, in-process); at c=8 kserve spends 0.000 ms "
-                         "of server CPU per request more than the no-op, of which the model is 0.500")
+    assert lines[-2] == ("at c=8 kserve spends 0.000 ms of server CPU per request more than the no-op; the model "
+                         "alone takes 0.500 ms per image (batch 1, in-process)")
     assert lines[-1] == ("kserve_vs_flask=2.50x kserve_vs_gunicorn=1.20x kserve_vs_noop=0.75x noop_bound=0.80x "
                          "v2bin_vs_v1=2.00x")
 
