@@ -220,6 +220,10 @@ BAD = {
                                "do not fill shape"),
     "v2 fp32 NaN": ("POST", V2, json.dumps(v2("input", "FP32", (1, 3, 32, 32), [float("nan")] * 3072)).encode(),
                     JSON, 400, "NaN or infinity"),
+    "v1 array of raw pixels": ("POST", V1, {"instances": [[[[255] * 32] * 32] * 3]}, {}, 400,
+                               "channel 0 holds 255, outside"),
+    "v2 fp32 finite values that would overflow the network": (
+        "POST", V2, v2("input", "FP32", (1, 3, 32, 32), [-3.4e38] * 3072), {}, 400, "channel 0 holds -3.4e+38"),
     "v2 fp32 strings": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), ["0.5"] * 3072), {}, 400,
                         "expected numbers"),
     "v2 too many images": ("POST", V2, v2(shape=(MAX_BATCH + 1,), data=[GOOD] * (MAX_BATCH + 1)), {}, 400,

@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
@@ -16,7 +17,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image
 
-from components import backends
+from components import backends, transforms
 from components.model import (
     CARD_FILE,
     CLASS_NAMES,
@@ -183,6 +184,44 @@ def test_a_normalized_array_answers_like_its_image(model):
     assert from_array["probability"] == pytest.approx(from_image["probability"], abs=1e-6)
 
 
+def test_client_normalized_values_must_be_in_the_range_of_a_normalized_image(model):
+    """What the training transform makes of pixels 0 and 255 passes (and 1 % of the range beyond, a
+    client's rounding); further out is refused naming the channel, the value, the range and the
+    card's mean and std. Finite values far outside would otherwise reach the network: 3.4e38
+    overflows an fp32 model's per-image statistics into NaN scores."""
+    normalizer = model.signature.normalizer
+    black, white = (np.broadcast_to(v.reshape(3, 1, 1), (3, 32, 32)) for v in (normalizer.low, normalizer.high))
+    for edge in (black, white):
+        assert model.predict(model.preprocess(v1(edge.tolist())))["predictions"][0]["probability"] > 0
+    span = normalizer.high - normalizer.low
+    assert model.preprocess(v1((white + 0.009 * span.reshape(3, 1, 1)).tolist())).x.shape == (1, 3, 32, 32)
+    too_dark = black.copy()
+    too_dark[1, 4, 4] -= 0.02 * span[1]
+    mean = ", ".join(f"{m:.4f}" for m in normalizer.mean)
+    low, high = normalizer.low[1], normalizer.high[1]
+    with pytest.raises(InvalidInput, match=rf"instances\[1\]: channel 1 holds {too_dark[1, 4, 4]:.6g}, outside "
+                                           rf"\[{low:.4f}, {high:.4f}\]: .* mean \[{mean}\]"):
+        model.preprocess(v1(black.tolist(), too_dark.tolist()))
+    pixels = np.arange(256, dtype=np.uint8).repeat(12)[:3072].reshape(1, 3, 32, 32)
+    normalized = transforms.normalize(pixels, normalizer.mean, normalizer.std)
+    assert normalized.min() >= normalizer.low.min() - 1e-6 and normalized.max() <= normalizer.high.max() + 1e-6
+    model.preprocess(v1(normalized[0].tolist()))
+
+
+def test_a_model_that_gives_non_finite_scores_is_a_server_fault_never_an_answer(model):
+    """Validated input that still yields NaN or inf is our bug: predict raises (a 500 with its
+    traceback), it never answers 200 with probabilities that are not numbers."""
+    batch = model.preprocess(v1(image_instance(encode(sign_image(5, random.Random(5)), "PNG"))))
+    run = model._run
+    model._run = lambda x: np.full((len(x), len(CLASS_NAMES)), np.nan, dtype=np.float32)
+    try:
+        with pytest.raises(RuntimeError, match="non-finite scores for a validated batch of 1"):
+            model.predict(batch)
+    finally:
+        model._run = run
+    assert model.predict(batch)["predictions"][0]["probability"] > 0
+
+
 def test_a_json_body_sent_with_another_content_type_is_parsed(model):
     body = v1(image_instance(encode(sign_image(2, random.Random(2)), "PPM")))
     assert model.predict(model.preprocess(json.dumps(body).encode())) == model.predict(model.preprocess(body))
@@ -264,6 +303,10 @@ BAD_REQUESTS = {
                                          "instances[1][2][31][5]: expected a number, got false"),
     "array with null": (v1(with_value(ZEROS, (1, 2, 3), None)), "expected numbers"),
     "array with NaN": (v1([[[float("nan")] * 32] * 32] * 3), "NaN"),
+    "array of raw 0..255 pixels": (v1([[[255.0] * 32] * 32] * 3),
+                                   r"instances[0]: channel 0 holds 255, outside [-"),
+    "v2 fp32 values the network would overflow on": (v2("input", "FP32", (1, 3, 32, 32), [3.4e38] * 3072),
+                                                     "channel 0 holds 3.4e.38, outside"),
     "top_k zero": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": 0}}, "top_k"),
     "top_k string": (v1({"image": {"b64": GOOD}}) | {"parameters": {"top_k": "3"}}, "top_k"),
     "unknown parameter": (v1({"image": {"b64": GOOD}}) | {"parameters": {"k": 3}}, "unknown parameter"),

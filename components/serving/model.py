@@ -163,4 +163,7 @@ class GTSRBModel(Model):
 
     def predict(self, batch: protocol.Batch, headers=None):
         ids, probabilities = top_classes(self._logits(batch.x), max(1, batch.top_k))
+        if not np.isfinite(probabilities).all():    # a request that passed preprocess: our fault, a 500
+            raise RuntimeError(f"{self.name}: {self.backend} gave non-finite scores for a validated batch "
+                               f"of {len(batch.x)}; refusing to answer them")
         return protocol.answer(batch, ids.tolist(), probabilities.tolist(), self.class_names, self.name)

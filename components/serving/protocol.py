@@ -40,6 +40,7 @@ V2_INPUTS = {"image": "BYTES", "input": "FP32"}
 V2_OUTPUTS = ("class_id", "class_name", "probability", "top_k_class_id", "top_k_probability")
 V2_PARAMETERS = ("top_k", "binary_data_output")   # the latter: KServe's binary tensor extension, for outputs
 V2_OUTPUT_PARAMETERS = ("binary_data",)
+NORMALIZED_SLACK = 0.01     # of a channel's normalized range, beyond which client-normalized values are refused
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,29 @@ def as_numbers(data, where: str) -> np.ndarray:
     if not np.isfinite(array).all():
         _fail(where, "contains NaN or infinity")
     return array
+
+
+def check_normalized(x: np.ndarray, where: str, normalizer: transforms.Normalizer) -> None:
+    """A client-normalized batch (N x C x H x W) must hold what the training transform makes of an
+    8-bit image: finite values inside each channel's normalized range (pixel 0 .. pixel 255 under
+    the model card's mean and std), give or take 1 % of it for a client's rounding. Anything else
+    (NaN, raw 0..255 pixels, another model's normalization, values that overflow the network) is refused."""
+    if not np.isfinite(x).all():                # raw FP32 bytes can hold any float32
+        _fail(where, "contains NaN or infinity")
+    slack = NORMALIZED_SLACK * (normalizer.high - normalizer.low)
+    low, high = x.min(axis=(0, 2, 3)), x.max(axis=(0, 2, 3))
+    for c in range(x.shape[1]):
+        lo, hi = normalizer.low[c] - slack[c], normalizer.high[c] + slack[c]
+        if not (lo <= low[c] and high[c] <= hi):
+            bad = low[c] if low[c] < lo else high[c]
+            _fail(where, f"channel {c} holds {bad:.6g}, outside [{normalizer.low[c]:.4f}, {normalizer.high[c]:.4f}]: "
+                         "the range of pixels 0..255 normalized as (x / 255 - mean) / std with this model's mean "
+                         f"{_rounded(normalizer.mean)} and std {_rounded(normalizer.std)}; send values normalized that "
+                         "way, or the encoded image")
+
+
+def _rounded(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 def _first_boolean(data: list, shape: tuple) -> tuple | None:
@@ -248,6 +272,7 @@ def _v1_array(instance: list, where: str, sig: Signature) -> np.ndarray:
     array = as_numbers(instance, where)
     if array.shape != sig.input_shape:
         _fail(where, f"array shape {list(array.shape)} is not {list(sig.input_shape)}")
+    check_normalized(array[None], where, sig.normalizer)
     return array
 
 
@@ -295,11 +320,10 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
             array = as_numbers(data, f"{where} data")
         else:
             array = binary.fp32(raw, count, where)
-            if not np.isfinite(array).all():
-                _fail(where, "contains NaN or infinity")
         if array.size != count:
             _fail(where, f"{array.size} values do not fill shape {shape}")
-        return Batch(array.reshape(shape), top_k, request)
+        check_normalized(array := array.reshape(shape), where, sig.normalizer)
+        return Batch(array, top_k, request)
     if raw is not None:
         data = binary.bytes_elements(raw, where)
     if len(shape) != 1 or shape[0] != len(data):
