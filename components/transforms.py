@@ -22,8 +22,22 @@ def to_uint8_32(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(_rgb_32(image).transpose(2, 0, 1))
 
 
+# Greyscale modes deeper than 8 bits that PIL decodes PNG and PPM into: 16-bit PNG ("I;16") and PPM
+# with a maxval above 255 ("I", which PIL scales to 0..65535).
+DEEP_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def _eight_bit_grey(image: Image.Image) -> Image.Image:
+    """16-bit greyscale -> 8-bit "L", v * 255 / 65535 rounded, as PIL reads a 16-bit RGB PPM. PIL's
+    own convert("RGB") clips these modes at 255 instead: a mid-grey 16-bit image became pure white."""
+    deep = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray(((deep * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def _rgb_32(image: Image.Image) -> np.ndarray:
     """Decoded image -> uint8 32x32x3 (height, width, RGB): the resize of :func:`to_uint8_32`."""
+    if image.mode in DEEP_GREY:
+        image = _eight_bit_grey(image)
     if image.mode != "RGB":            # an RGB image is resized as it is (convert would copy it)
         image = image.convert("RGB")
     return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.uint8)

@@ -68,6 +68,27 @@ def test_to_uint8_32_resizes_any_crop_and_keeps_its_colour():
     assert tensor[:, 16, 16].tolist() == [200, 30, 90]
 
 
+def test_16_bit_greyscale_keeps_its_brightness():
+    """16-bit greyscale PNG (mode I;16) and PPM with maxval > 255 (mode I) are scaled to 8 bits as PIL
+    reads a 16-bit RGB PPM (v * 255 / 65535, rounded); PIL's convert("RGB") would clip them to white."""
+    import io
+
+    import numpy as np
+
+    ramp = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)           # 0 .. 63960
+    png = io.BytesIO()
+    Image.fromarray(ramp).save(png, "PNG")
+    p5 = b"P5 40 40 65535\n" + ramp.astype(">u2").tobytes()
+    p6 = b"P6 40 40 65535\n" + np.repeat(ramp[..., None], 3, axis=2).astype(">u2").tobytes()
+    eight = to_uint8_32(Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L"))
+    decoded = {name: Image.open(io.BytesIO(data)) for name, data in
+               (("png", png.getvalue()), ("p5", p5), ("p6 (PIL's own 16-bit RGB path)", p6))}
+    assert [image.mode for image in decoded.values()] == ["I;16", "I", "RGB"]
+    for name, image in decoded.items():
+        assert torch.equal(to_uint8_32(image), eight), name
+    assert 100 < float(eight.float().mean()) < 150
+
+
 def test_image_standardize_ignores_the_background_and_refuses_other_windows():
     standardize = ImageStandardize()
     x = torch.randn(2, 3, 32, 32)

@@ -291,6 +291,7 @@ BAD_REQUESTS = {
     "b64 empty": (v1({"image": {"b64": ""}}), "zero bytes"),
     "not an image": (v1({"image": {"b64": b64(b"hello world")}}), "cannot decode image"),
     "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
+    "pfm (float pixels)": (v1({"image": {"b64": b64(b"Pf 4 4 -1.0\n" + bytes(64))}}), "floating-point PFM"),
     "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "not a PNG, JPEG, PPM image"),
     "too many pixels": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "limit"),
     "array wrong shape": (v1([[[0.0] * 32] * 32] * 2), "is not [3, 32, 32]"),

@@ -97,6 +97,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1:
         _fail(where, f"image has zero size ({width}x{height})")
+    if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
+        _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
     return image
 
 
