@@ -7,14 +7,14 @@ views of these arrays), evaluate, and the predictor, whose ONNX processes never 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_SIZE = 32
 INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def to_uint8_32(image: Image.Image) -> np.ndarray:
-    """Decoded image of any size -> uint8 array 3x32x32 (RGB, bilinear, antialiased).
+    """Decoded image of any size -> uint8 array 3x32x32 (upright, RGB, bilinear, antialiased).
 
     Same as torchvision's ``transforms.Resize((32, 32))`` on a PIL image, stored as uint8 so
     a whole split fits in memory (39k images = 120 MB).
@@ -34,8 +34,17 @@ def _eight_bit_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(((deep * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: a camera's EXIF (or XMP) orientation applied. A phone photo
+    is often stored sideways with orientation 6; GTSRB's PPMs carry none (unchanged)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _rgb_32(image: Image.Image) -> np.ndarray:
     """Decoded image -> uint8 32x32x3 (height, width, RGB): the resize of :func:`to_uint8_32`."""
+    image = upright(image)
     if image.mode in DEEP_GREY:
         image = _eight_bit_grey(image)
     if image.mode != "RGB":            # an RGB image is resized as it is (convert would copy it)

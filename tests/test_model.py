@@ -68,6 +68,26 @@ def test_to_uint8_32_resizes_any_crop_and_keeps_its_colour():
     assert tensor[:, 16, 16].tolist() == [200, 30, 90]
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation(orientation):
+    """A camera stores the sensor's pixels and an EXIF orientation; every viewer shows the image
+    turned. The transform sees what the viewer sees (PNG: lossless, so exactly)."""
+    import io
+
+    upright = Image.new("RGB", (48, 40), (200, 30, 90))
+    upright.paste((20, 40, 220), (0, 0, 48, 12))                 # a blue band on top
+    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                                8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    png = io.BytesIO()
+    stored.save(png, "PNG", exif=exif)
+    photo = Image.open(io.BytesIO(png.getvalue()))
+    assert photo.size == stored.size != upright.size or orientation == 3
+    assert torch.equal(to_uint8_32(photo), to_uint8_32(upright))
+    assert not torch.equal(to_uint8_32(stored), to_uint8_32(upright))
+
+
 def test_16_bit_greyscale_keeps_its_brightness():
     """16-bit greyscale PNG (mode I;16) and PPM with maxval > 255 (mode I) are scaled to 8 bits as PIL
     reads a 16-bit RGB PPM (v * 255 / 65535, rounded); PIL's convert("RGB") would clip them to white."""
