@@ -1,6 +1,6 @@
 """The request protocol: a V1 or V2 request -> one validated, normalized batch; the answer back.
 
-Requests (the same transforms as training: decode, RGB, bilinear resize to 32x32, normalize):
+Requests (the same transforms as training: decode, upright, RGB, bilinear resize to 32x32, normalize):
 - V1 ``POST /v1/models/<name>:predict``: ``{"instances": [I, ...], "parameters": {"top_k": k}}``
   where ``I`` is ``{"image": {"b64": "<base64 PNG/JPEG/PPM>"}}`` or a normalized 3x32x32 number array.
 - V2 (Open Inference Protocol) ``POST /v2/models/<name>/infer`` or gRPC ``ModelInfer``: one input,
