@@ -219,10 +219,11 @@ def test_json_without_a_content_type_or_with_a_charset_is_json(server):
 
 
 def test_bad_grpc_requests_are_errors_naming_the_problem_in_one_log_line(server):
-    def request(data: np.ndarray, **parameters):
+    def request(data: np.ndarray, model=MODEL, version=None, shape=None, **parameters):
         tensor = InferInput("input", list(data.shape), "FP32")
         tensor.set_data_from_numpy(data.astype(np.float32))
-        return InferRequest(MODEL, [tensor], parameters=parameters or None)
+        tensor.shape = shape or tensor.shape
+        return InferRequest(model, [tensor], parameters=parameters or None, model_version=version)
 
     zeros = np.zeros((1, 3, 32, 32))
     cases = {"NaN": (request(np.full((1, 3, 32, 32), np.nan)), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
@@ -231,7 +232,14 @@ def test_bad_grpc_requests_are_errors_naming_the_problem_in_one_log_line(server)
              "batch too large": (request(np.zeros((MAX_BATCH + 1, 3, 32, 32))), grpc.StatusCode.INVALID_ARGUMENT,
                                  "maximum batch"),
              "over the body limit": (request(np.zeros((100, 3, 32, 32))), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     "larger than max")}
+                                     "larger than max"),
+             "a negative dimension": (request(zeros, shape=[-1, 3, 32, 32]), grpc.StatusCode.INVALID_ARGUMENT,
+                                      "shape [-1, 3, 32, 32] has a negative dimension"),
+             "unknown model": (request(zeros, model="nope"), grpc.StatusCode.NOT_FOUND,
+                               "Model with name nope does not exist"),
+             "a version not served": (request(zeros, version="7"), grpc.StatusCode.NOT_FOUND,
+                                      f"model {MODEL} version '7' is not served here; this server serves version "
+                                      "'sha256:")}
 
     async def run():
         client = InferenceGRPCClient(server.grpc_target, retries=0)
@@ -243,16 +251,52 @@ def test_bad_grpc_requests_are_errors_naming_the_problem_in_one_log_line(server)
                 except grpc.RpcError as e:
                     errors[case] = (e.code(), e.details())
             good = await client.infer(request(zeros))
+            pinned = await client.infer(request(zeros, version=served_version))    # the version served: answered
         finally:
             await client.close()
-        return errors, good
+        return errors, good, pinned
 
+    served_version = requests.get(f"{server.url}/v2/models/{MODEL}", timeout=30).json()["versions"][0]
     before = server.log.read_text()
-    errors, good = asyncio.run(run())
+    errors, good, pinned = asyncio.run(run())
+    assert pinned.outputs[0].as_numpy().tolist() == good.outputs[0].as_numpy().tolist()
     for case, (_, code, text) in cases.items():
         assert case in errors, f"{case}: answered"
         assert errors[case][0] == code and text in errors[case][1], f"{case}: {errors[case]}"
     assert 0 <= good.outputs[0].as_numpy()[0] < 43
     new = server.log.read_text()[len(before):]
-    assert new.count("WARNING") == 4 and "INVALID_ARGUMENT" in new     # the size limit is gRPC's own answer
+    # one line per error but the size limit, which is gRPC's own answer
+    assert new.count("WARNING") == len(cases) - 1 and new.count("NOT_FOUND") == 2
+    assert "Traceback" not in new and "ERROR" not in new
+
+
+def test_grpc_repository_calls_are_unimplemented_and_the_model_stays_loaded(server, images):
+    """Issue 12's unload, over gRPC: KServe's servicer offers RepositoryModelLoad/Unload, and one
+    Unload call removed the model from the gRPC server (NOT_FOUND from then on). Each call is now
+    UNIMPLEMENTED with one WARNING line; the model stays ready and answers exactly as before."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    def infer(stub):
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[images[0]]))])
+        outputs = stub.ModelInfer(request, timeout=30).outputs
+        return {o.name: list(o.contents.int64_contents or o.contents.fp32_contents) for o in outputs}
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = infer(stub)
+        log_before = server.log.read_text()
+        calls = [("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=MODEL)),
+                 ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=MODEL)),
+                 ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="nope"))]
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(stub, method)(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
+            assert refused.value.details().startswith(f"{method} is not offered"), refused.value.details()
+            assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=30).ready
+            assert infer(stub) == before
+    new = server.log.read_text()[len(log_before):]
+    assert new.count("WARNING") == len(calls) and new.count("-> UNIMPLEMENTED") == len(calls)
     assert "Traceback" not in new and "ERROR" not in new

@@ -318,6 +318,7 @@ BAD_REQUESTS = {
     "v2 unknown input": (v2(name="pixels"), "unknown input"),
     "v2 wrong datatype": (v2(datatype="INT8"), "datatype INT8 is not BYTES"),
     "v2 shape vs data": (v2(shape=(2,)), "does not match"),
+    "v2 negative shape": (v2("input", "FP32", (-1, 3, 32, 32), [0.0] * 3072), "shape [-1, 3, 32, 32] has a negative"),
     "v2 bytes not string": (v2(data=(5,)), "expected a base64 string"),
     "v2 fp32 shape": (v2("input", "FP32", (1, 3, 16, 16), [0.0] * 768), "is not [N, 3, 32, 32]"),
     "v2 fp32 values": (v2("input", "FP32", (1, 3, 32, 32), [0.0] * 100), "do not fill shape"),

@@ -22,6 +22,7 @@ from kserve import logging as kserve_logging
 from components import transforms
 from components.artifact import SERVING, ModelArtifactError, check_served, serving_format, verified_card
 from components.cluster import INFERENCE_SERVICE
+from components.rollout import weights_version
 from components.runtime import cpu_count
 from components.serving import protocol
 from components.serving.server import ServerSettings
@@ -159,6 +160,9 @@ class GTSRBModel(Model):
         return payload          # preprocess validates every instance
 
     def preprocess(self, payload, headers=None) -> protocol.Batch:
+        version = getattr(payload, "model_version", None)      # gRPC's ModelInfer carries one
+        if version and version != weights_version(self.weights_sha256):
+            raise protocol.VersionNotServed(self.name, version, weights_version(self.weights_sha256))
         return protocol.parse_request(payload, self.signature)
 
     def predict(self, batch: protocol.Batch, headers=None):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 from kserve import InferOutput, InferRequest, InferResponse
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound
 from PIL import Image, UnidentifiedImageError
 
 from components import transforms
@@ -52,6 +52,15 @@ class Signature:
     normalizer: transforms.Normalizer    # the model card's per-channel mean and std
     max_batch: int
     max_pixels: int = MAX_REQUEST_PIXELS
+
+
+class VersionNotServed(ModelNotFound):
+    """A request pinned to a model version this server does not serve (404 / NOT_FOUND)."""
+
+    def __init__(self, model_name: str, requested: str, served: str):
+        super().__init__(model_name)
+        self.reason = (f"model {model_name} version {requested!r} is not served here; this server serves version "
+                       f"{served!r} (or send no version)")
 
 
 class RequestTooLarge(InvalidInput):
@@ -313,6 +322,8 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
             _fail(f"output '{output.name}'", "needs parameters.top_k")
         _check_output_parameters(output)
     shape, data, raw = list(item.shape), item.data, binary.raw_bytes(item)
+    if any(d < 0 for d in shape):
+        _fail(where, f"shape {shape} has a negative dimension")
     if item.name == "input":
         if len(shape) != 4 or tuple(shape[1:]) != sig.input_shape:
             _fail(where, f"shape {shape} is not [N, {', '.join(map(str, sig.input_shape))}]")

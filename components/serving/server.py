@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 
 from components.serving import binary, listen, surface, worker_metrics
@@ -99,6 +99,8 @@ class GrpcLogFilter(logging.Filter):
     request; here a bad request is one WARNING line, and the per-call line goes with the request
     logs, as over REST."""
 
+    CLIENT_ERRORS = ((InvalidInput, "INVALID_ARGUMENT"), (ModelNotFound, "NOT_FOUND"))   # as KServe maps them
+
     def __init__(self, request_logs: bool):
         super().__init__()
         self.request_logs = request_logs
@@ -107,8 +109,9 @@ class GrpcLogFilter(logging.Filter):
         if str(record.msg).startswith("grpc method: "):
             return self.request_logs
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, InvalidInput) and "grpc_method" in str(record.msg):
-            record.msg, record.args = "gRPC %s: INVALID_ARGUMENT: %s", (record.args[-1], error.reason)
+        status = next((s for kind, s in self.CLIENT_ERRORS if isinstance(error, kind)), None)
+        if status and "grpc_method" in str(record.msg):
+            record.msg, record.args = f"gRPC %s: {status}: %s", (record.args[-1], error.reason)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
@@ -201,4 +204,5 @@ def start(model, settings: ServerSettings, workers: int, http_port: int, grpc_po
     server = ModelServer(http_port=http_port, grpc_port=grpc_port, workers=workers, enable_grpc=enable_grpc,
                          enable_latency_logging=settings.request_logs)
     server.dataplane = OpenInferenceDataPlane(server.registered_models)   # REST and gRPC servers get it at start
+    server.model_repository_extension = surface.NoModelRepository()     # likewise: no load/unload over gRPC
     server.start([model])

@@ -5,7 +5,8 @@ KServe registers more routes than this predictor offers: the V2 model-repository
 the model from a worker that still reports ready), ``:explain`` (501 without an explainer),
 versioned V2 routes (501) and its OpenAPI page. :class:`OfferedRoutes` answers every request
 outside :data:`OFFERED` itself, before KServe routes it: 404, or 405 with ``Allow`` where the path
-exists with other methods, with a JSON message.
+exists with other methods, with a JSON message. Over gRPC, :class:`NoModelRepository` refuses the
+repository RPCs (UNIMPLEMENTED).
 
 Errors: a client error (4xx) is answered ``{"error": message}`` and logged as ONE warning line
 (method, path, status, reason); only a server fault (5xx) is logged with its traceback (KServe's
@@ -79,6 +80,34 @@ class OfferedRoutes:
         return await send_error(scope, send, HTTPStatus.METHOD_NOT_ALLOWED,
                                 f"Method Not Allowed: {method} {path}; this path answers {allowed}",
                                 [(b"allow", allowed.encode())])
+
+
+class NoModelRepository:
+    """KServe's model-repository extension, refused: what ``kserve.ModelServer`` hands its gRPC
+    servicer (and REST endpoints) in place of the real one. KServe's gRPC servicer offers
+    ``RepositoryModelLoad`` / ``RepositoryModelUnload`` whatever the REST routes do: one
+    unauthenticated Unload call removed the model from the gRPC server (every later call: NOT_FOUND
+    "Model with name gtsrb does not exist") and answered INTERNAL. Each call is now UNIMPLEMENTED,
+    gRPC's status for a method a server does not offer, logged as one warning line; the model
+    stays loaded."""
+
+    async def index(self, filter_ready: bool = False):
+        self._refuse("RepositoryIndex", "")
+
+    async def load(self, model_name: str):
+        self._refuse("RepositoryModelLoad", model_name)
+
+    async def unload(self, model_name: str):
+        self._refuse("RepositoryModelUnload", model_name)
+
+    @staticmethod
+    def _refuse(method: str, model_name: str):
+        from grpc_interceptor.exceptions import Unimplemented
+
+        message = (f"{method} is not offered: this server does not load or unload models "
+                   "(the model-repository extension is off)")
+        logger.warning("client error: gRPC %s(%s) -> UNIMPLEMENTED: %s", method, _printable(model_name), message)
+        raise Unimplemented(message)
 
 
 async def send_error(scope, send, status: int, message: str, headers=()) -> None:
