@@ -329,6 +329,9 @@ BAD_REQUESTS = {
     "v2 fp32 infinity": (v2("input", "FP32", (1, 3, 32, 32), [float("inf")] * 3072), "NaN or infinity"),
     "v2 too many": (v2(shape=(5,), data=[GOOD] * 5), "maximum batch"),
     "v2 unknown output": (v2(request_outputs=[RequestedOutput("logits")]), "unknown output"),
+    "v2 an output twice": (v2(request_outputs=[RequestedOutput("class_id"), RequestedOutput("probability"),
+                                               RequestedOutput("class_id")]),
+                           "output 'class_id': requested more than once"),
     "v2 top-k output without top_k": (v2(request_outputs=[RequestedOutput("top_k_class_id")]),
                                       "output 'top_k_class_id': needs parameters.top_k"),
 }

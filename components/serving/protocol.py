@@ -315,6 +315,10 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
         _fail(where, f"datatype {item.datatype} is not {expected}")
     parameters = grpc_parameters(request.parameters) if request.from_grpc else request.parameters
     top_k = parse_parameters(parameters, len(sig.class_names), V2_PARAMETERS)
+    names = [output.name for output in request.request_outputs or []]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        _fail(f"output '{twice}'", "requested more than once")
     for output in request.request_outputs or []:
         if output.name not in V2_OUTPUTS:
             _fail(f"output '{output.name}'", f"unknown output; known: {', '.join(V2_OUTPUTS)}")
