@@ -289,6 +289,8 @@ BAD_REQUESTS = {
     "b64 not a string": (v1({"image": {"b64": 12}}), "expected a base64 string"),
     "b64 not base64": (v1({"image": {"b64": "%%%"}}), "not valid base64"),
     "b64 empty": (v1({"image": {"b64": ""}}), "zero bytes"),
+    "b64 as a data URL": (v1({"image": {"b64": "data:image/png;base64," + GOOD}}),
+                          "not valid base64 (.*); send the base64 text alone, without the data: URL prefix"),
     "not an image": (v1({"image": {"b64": b64(b"hello world")}}), "cannot decode image"),
     "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
     "pfm (float pixels)": (v1({"image": {"b64": b64(b"Pf 4 4 -1.0\n" + bytes(64))}}), "floating-point PFM"),

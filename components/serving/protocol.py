@@ -86,7 +86,9 @@ def decode_base64(value, where: str) -> bytes:
     try:                              # strict: only the base64 alphabet, padding only at the end
         data = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as e:
-        _fail(where, f"not valid base64 ({e})")
+        prefix = value[:5].lower() if isinstance(value, str) else value[:5].lower().decode("latin-1")
+        hint = "; send the base64 text alone, without the data: URL prefix" if prefix == "data:" else ""
+        _fail(where, f"not valid base64 ({e}){hint}")
     if not data:
         _fail(where, "empty image (zero bytes)")
     return data
