@@ -70,8 +70,8 @@ class Normalizer:
         std = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
         self.scale = (1.0 / (255.0 * std)).astype(np.float32)
         self.shift = (mean / std).astype(np.float32)
-        # Per channel, the values an 8-bit image takes once normalized: pixel 0 and pixel 255.
         self.mean, self.std = mean.ravel().tolist(), std.ravel().tolist()
+        # Per channel, the values an 8-bit image takes once normalized: pixel 0 and pixel 255.
         self.low = (-mean / std).ravel()
         self.high = ((1.0 - mean) / std).ravel()
 
