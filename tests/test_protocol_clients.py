@@ -297,6 +297,8 @@ def test_grpc_repository_calls_are_unimplemented_and_the_model_stays_loaded(serv
             assert refused.value.details().startswith(f"{method} is not offered"), refused.value.details()
             assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=30).ready
             assert infer(stub) == before
+        # and the server's metadata does not list the model repository extension
+        assert list(stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30).extensions) == ["binary_tensor_data"]
     new = server.log.read_text()[len(log_before):]
     assert new.count("WARNING") == len(calls) and new.count("-> UNIMPLEMENTED") == len(calls)
     assert "Traceback" not in new and "ERROR" not in new

@@ -53,6 +53,8 @@ def test_health_readiness_metadata_and_metrics(server):
     assert requests.get(f"{base}/v1/models/{MODEL}", timeout=5).json() == {"name": MODEL, "ready": True}
     metadata = requests.get(f"{base}/v2/models/{MODEL}", timeout=5).json()
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "input": "FP32"}
+    # the server lists the extensions it offers: not KServe's model repository (its routes are 404)
+    assert requests.get(f"{base}/v2", timeout=5).json()["extensions"] == ["binary_tensor_data"]
     # /metrics sums both workers' counters: new connections spread over the workers, yet every
     # scrape, whichever worker answers it, counts every request.
     before = predict_count(base)
@@ -198,8 +200,10 @@ BAD = {
     "v1 array wrong shape": ("POST", V1, {"instances": [[[0.0] * 32] * 32]}, {}, 400, "is not [3, 32, 32]"),
     "v1 array ragged": ("POST", V1, {"instances": [[[[0.0] * 32] * 32, [[0.0] * 32] * 31, [[0.0] * 32] * 32]]},
                         {}, 400, "rectangular"),
-    "v1 array strings": ("POST", V1, {"instances": [[[["a"] * 32] * 32] * 3]}, {}, 400, "expected numbers"),
-    "v1 array booleans": ("POST", V1, {"instances": [[[True] * 32] * 32] * 3}, {}, 400, "booleans"),
+    "v1 array strings": ("POST", V1, {"instances": [[[["a"] * 32] * 32] * 3]}, {}, 400,
+                         "instances[0][0][0][0]: expected a number, got"),
+    "v1 array booleans": ("POST", V1, {"instances": [[[True] * 32] * 32] * 3}, {}, 400,
+                          "instances[0][0][0]: expected a number, got true"),
     "v1 array NaN literal": ("POST", V1, b'{"instances": [[[NaN]]]}', JSON, 400, "Unrecognized request format"),
     "v1 array too large number": ("POST", V1, b'{"instances": [[[1e999]]]}', JSON, 400, "infinity"),
     "v1 top_k out of range": ("POST", V1, {**image(GOOD), "parameters": {"top_k": 99}}, {}, 400, "top_k"),
@@ -225,7 +229,7 @@ BAD = {
     "v2 fp32 finite values that would overflow the network": (
         "POST", V2, v2("input", "FP32", (1, 3, 32, 32), [-3.4e38] * 3072), {}, 400, "channel 0 holds -3.4e+38"),
     "v2 fp32 strings": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), ["0.5"] * 3072), {}, 400,
-                        "expected numbers"),
+                        "input 'input' data[0]: expected a number, got"),
     "v2 too many images": ("POST", V2, v2(shape=(MAX_BATCH + 1,), data=[GOOD] * (MAX_BATCH + 1)), {}, 400,
                            "maximum batch"),
     "v2 unknown output": ("POST", V2, v2(outputs=[{"name": "logits"}]), {}, 400, "unknown output"),
@@ -253,7 +257,9 @@ BAD = {
     "v2 fp32, first value true": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), [True] + [0.5] * 3071), {}, 400,
                                   "input 'input' data[0]: expected a number, got true"),
     "v2 fp32, null among numbers": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), [0.5] * 3071 + [None]), {}, 400,
-                                    "expected numbers"),
+                                    "input 'input' data[3071]: expected a number, got null"),
+    "v2 fp32, an integer beyond 64 bits": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), [0] * 3071 + [10**1000]),
+                                           {}, 400, "data[3071]: an integer of 3322 bits, outside the 64-bit range"),
     "v1 images over the pixel budget": ("POST", V1, {"instances": [{"image": {"b64": HUGE}}] * MAX_BATCH}, {}, 413,
                                         "instances[1].image.b64: a 4096x4096 image brings the request to 33554432 "
                                         "decoded pixels, more than the limit of 16777216 pixels per request"),

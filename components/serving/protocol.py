@@ -140,18 +140,24 @@ class PixelBudget:
 
 
 def as_numbers(data, where: str) -> np.ndarray:
-    """A nested JSON number array -> float32 ndarray; rejects strings, booleans (even one among
-    numbers, which numpy would turn into 1.0 or 0.0), ragged arrays, NaN/inf, naming the position."""
+    """A nested JSON number array -> float32 ndarray; rejects strings, nulls, booleans (even one
+    among numbers, which numpy would turn into 1.0 or 0.0), integers beyond 64 bits, ragged arrays
+    and NaN/inf, naming the position of the first offending value."""
     try:
         array = np.asarray(data)
     except (ValueError, TypeError) as e:
         _fail(where, f"not a rectangular number array ({e})")
-    if array.dtype.kind not in "iuf":
-        kind = "booleans" if array.dtype.kind == "b" else f"non-numbers (array dtype {array.dtype})"
-        _fail(where, f"expected numbers, got {kind}")
-    if isinstance(data, list) and (position := _first_boolean(data, array.shape)) is not None:
-        value = functools.reduce(lambda nested, i: nested[i], position, data)
-        _fail(f"{where}{''.join(f'[{i}]' for i in position)}", f"expected a number, got {str(value).lower()}")
+    numeric = array.dtype.kind in "iuf"
+    if isinstance(data, list) and array.ndim and (not numeric or bool in set(map(type, _leaves(data, array.ndim)))):
+        position, value = _first_non_number(data, array.shape)
+        at = f"{where}{''.join(f'[{i}]' for i in position)}"
+        if position == ():
+            _fail(where, f"expected numbers, got an array of {array.dtype}")
+        if isinstance(value, int) and not isinstance(value, bool):    # numpy keeps it as an object
+            _fail(at, f"an integer of {value.bit_length()} bits, outside the 64-bit range")
+        _fail(at, f"expected a number, got {_as_json(value)}")
+    if not numeric:
+        _fail(where, f"expected numbers, got {type(data).__name__}")
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         _fail(where, "contains NaN or infinity")
@@ -188,18 +194,34 @@ def _rounded(values) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
-def _first_boolean(data: list, shape: tuple) -> tuple | None:
-    """Index of the first bool in a rectangular nested list of numbers of ``shape``, or None."""
-    def leaves():
-        flat = data
-        for _ in range(len(shape) - 1):
-            flat = itertools.chain.from_iterable(flat)
-        return flat
+def _as_json(value, limit: int = 60) -> str:
+    """A request's value as the client wrote it, cut to ``limit`` characters (its type's name if
+    JSON cannot hold it, e.g. an object with an integer beyond 64 bits)."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
-    if bool not in set(map(type, leaves())):
-        return None
-    first = next(i for i, value in enumerate(leaves()) if type(value) is bool)
-    return tuple(int(i) for i in np.unravel_index(first, shape))
+
+def _leaves(data: list, depth: int):
+    """The values of a rectangular nested list ``depth`` levels deep, in row-major order."""
+    flat = data
+    for _ in range(depth - 1):
+        flat = itertools.chain.from_iterable(flat)
+    return flat
+
+
+def _first_non_number(data: list, shape: tuple) -> tuple[tuple, object]:
+    """(index, value) of the first value in a rectangular nested list of ``shape`` that is not a
+    JSON number (a bool, string, null, object, or an integer numpy cannot hold); ((), None) if none."""
+    def plain(value) -> bool:
+        return type(value) is float or (type(value) is int and -(1 << 63) <= value < 1 << 64)
+
+    found = next(((i, value) for i, value in enumerate(_leaves(data, len(shape))) if not plain(value)), None)
+    if found is None:
+        return (), None
+    return tuple(int(i) for i in np.unravel_index(found[0], shape)), found[1]
 
 
 def parse_parameters(parameters, num_classes: int, known: tuple[str, ...] = ("top_k",)) -> int:

@@ -22,7 +22,7 @@ from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 
 from components.serving import binary, listen, surface, worker_metrics
-from components.serving.metadata import report_weights_in_metadata
+from components.serving.metadata import correct_metadata
 from components.serving.surface import send_error
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -153,7 +153,7 @@ class ServerSettings:
             return
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
         app.add_middleware(surface.OfferedRoutes)          # outermost: before the body is read
-        report_weights_in_metadata()
+        correct_metadata()
         worker_metrics.serve_all_workers(app)
         app.router.on_startup.append(install_error_handlers)
         if not self.request_logs:
