@@ -351,6 +351,19 @@ def test_head_on_predict_is_405_saying_post(server):
     assert int(head.headers["content-length"]) == len(get.content) + 1          # "HEAD" vs "GET"
 
 
+def test_head_is_answered_wherever_get_is(server):
+    """A 405 says "this path answers GET, HEAD", so HEAD works there (load balancers probe with it):
+    the GET's status and headers, no body."""
+    for path in ("/v2/health/ready", "/v2/health/live", f"/v1/models/{MODEL}", f"/v2/models/{MODEL}", "/v2"):
+        head = requests.head(f"{server.url}{path}", timeout=5)
+        get = requests.get(f"{server.url}{path}", timeout=5)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"] == "application/json", path
+        assert head.headers["content-length"] == get.headers["content-length"], path
+    unknown = requests.head(f"{server.url}/v2/models/nope/ready", timeout=5)
+    assert unknown.status_code == 404 and unknown.content == b""
+
+
 def test_the_server_refuses_to_start_on_weights_that_do_not_match_the_card(tampered_model):
     done = subprocess.run(predictor_command(str(tampered_model), BACKEND, free_port()), capture_output=True,
                           text=True, timeout=120)

@@ -71,7 +71,9 @@ class OfferedRoutes:
         allowed = None
         for pattern, methods, allow in self.ROUTES:
             if pattern.fullmatch(path):
-                if method in methods:
+                if method == "HEAD" and "HEAD" in methods:   # KServe's routes are GET only: route it as
+                    scope = {**scope, "method": "GET"}       # GET; uvicorn sends no body for a HEAD
+                if scope["method"] in methods:
                     return await self.app(scope, receive, send)
                 allowed = allow
         if allowed is None:
