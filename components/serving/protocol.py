@@ -239,7 +239,7 @@ def parse_parameters(parameters, num_classes: int, known: tuple[str, ...] = ("to
         return 0
     k = parameters["top_k"]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
-        _fail("parameters.top_k", f"expected an integer 1..{num_classes}, got {k!r}")
+        _fail("parameters.top_k", f"expected an integer 1..{num_classes}, got {_as_json(k)}")
     return k
 
 
