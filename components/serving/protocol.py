@@ -150,9 +150,9 @@ def as_numbers(data, where: str) -> np.ndarray:
     numeric = array.dtype.kind in "iuf"
     if isinstance(data, list) and array.ndim and (not numeric or bool in set(map(type, _leaves(data, array.ndim)))):
         position, value = _first_non_number(data, array.shape)
-        at = f"{where}{''.join(f'[{i}]' for i in position)}"
         if position == ():
             _fail(where, f"expected numbers, got an array of {array.dtype}")
+        at = f"{where}{''.join(f'[{i}]' for i in position)}"
         if isinstance(value, int) and not isinstance(value, bool):    # numpy keeps it as an object
             _fail(at, f"an integer of {value.bit_length()} bits, outside the 64-bit range")
         _fail(at, f"expected a number, got {_as_json(value)}")
