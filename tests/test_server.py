@@ -63,6 +63,7 @@ def test_health_readiness_metadata_and_metrics(server):
                                  headers={"Connection": "close"})
         assert response.status_code == 200
     assert [predict_count(base) - before for _ in range(6)] == [12] * 6
+    assert "Warning" not in server.log.read_text()      # e.g. FastAPI's deprecation of KServe's ORJSONResponse
 
 
 def predict_count(base: str) -> int:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 
+from fastapi.exceptions import FastAPIDeprecationWarning
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput, ModelNotFound
@@ -154,6 +156,9 @@ class ServerSettings:
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
         app.add_middleware(surface.OfferedRoutes)          # outermost: before the body is read
         correct_metadata()
+        # KServe 0.21's V1 endpoints answer with FastAPI's ORJSONResponse, which FastAPI deprecates:
+        # every worker printed a 3-line warning on its first prediction (KServe's code, not ours).
+        warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated", category=FastAPIDeprecationWarning)
         worker_metrics.serve_all_workers(app)
         app.router.on_startup.append(install_error_handlers)
         if not self.request_logs:
