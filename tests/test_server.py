@@ -229,6 +229,12 @@ BAD = {
                                "channel 0 holds 255, outside"),
     "v2 fp32 finite values that would overflow the network": (
         "POST", V2, v2("input", "FP32", (1, 3, 32, 32), [-3.4e38] * 3072), {}, 400, "channel 0 holds -3.4e+38"),
+    "v2 a misspelled key": ("POST", V2, v2(output=[{"name": "class_id"}]), {}, 400,
+                            "request: unknown key(s) ['output']; known: ['id', 'inputs', 'outputs', 'parameters'"),
+    "v2 an unknown tensor key": ("POST", V2, {"inputs": [v2()["inputs"][0] | {"contents": []}]}, {}, 400,
+                                 "inputs[0]: unknown key(s) ['contents']"),
+    "v2 an unknown output key": ("POST", V2, v2(outputs=[{"name": "class_id", "binary_data": True}]), {}, 400,
+                                 "outputs[0]: unknown key(s) ['binary_data']; known: ['name', 'parameters']"),
     "v2 fp32 strings": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), ["0.5"] * 3072), {}, 400,
                         "input 'input' data[0]: expected a number, got"),
     "v2 too many images": ("POST", V2, v2(shape=(MAX_BATCH + 1,), data=[GOOD] * (MAX_BATCH + 1)), {}, 400,

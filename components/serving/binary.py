@@ -19,6 +19,8 @@ from kserve import InferInput, InferRequest
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 
+from components.serving import v2keys
+
 HEADER = "inference-header-content-length"
 
 
@@ -61,6 +63,7 @@ def parse_request(body: bytes, header_length: str | None, model_name: str) -> In
         raise InvalidInput(f"the first {json_length} bytes (Inference-Header-Content-Length) "
                            f"are not a JSON object ({e})") from None
     _object(header, "request header")
+    v2keys.check(header)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         _fail("request header: 'inputs' must be a non-empty list")

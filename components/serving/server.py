@@ -17,13 +17,14 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import orjson
 from fastapi.exceptions import FastAPIDeprecationWarning
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 
-from components.serving import binary, listen, surface, worker_metrics
+from components.serving import binary, listen, surface, v2keys, worker_metrics
 from components.serving.metadata import correct_metadata
 from components.serving.surface import send_error
 
@@ -73,6 +74,8 @@ class RequestGuard:
                                         f"request body exceeds the limit of {self.max_body_bytes} bytes")
             if not message.get("more_body"):
                 break
+        if (refused := v2_unknown_keys(scope, headers, body)) is not None:
+            return await send_error(scope, send, 400, refused)
         replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay_receive():
@@ -117,6 +120,22 @@ class GrpcLogFilter(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
+
+
+def v2_unknown_keys(scope, headers: dict, body: bytearray) -> str | None:
+    """Why a V2 JSON infer body is refused for a key outside the protocol, or None (KServe's models
+    would drop the key unread). A body that is not JSON is left to KServe's parser; the binary
+    extension's header is checked where it is read (components/serving/binary.py)."""
+    if not scope["path"].startswith("/v2/") or not scope["path"].endswith("/infer") or \
+            RequestGuard.BINARY_HEADER in headers:
+        return None
+    try:
+        v2keys.check(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+    except InvalidInput as e:
+        return e.reason
+    return None
 
 
 def v2_content_type_refusal(scope, headers: dict) -> str | None:
