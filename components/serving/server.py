@@ -122,12 +122,15 @@ class GrpcLogFilter(logging.Filter):
         return True
 
 
+def _v2_infer(scope) -> bool:
+    return scope["path"].startswith("/v2/") and scope["path"].endswith("/infer")
+
+
 def v2_unknown_keys(scope, headers: dict, body: bytearray) -> str | None:
     """Why a V2 JSON infer body is refused for a key outside the protocol, or None (KServe's models
     would drop the key unread). A body that is not JSON is left to KServe's parser; the binary
     extension's header is checked where it is read (components/serving/binary.py)."""
-    if not scope["path"].startswith("/v2/") or not scope["path"].endswith("/infer") or \
-            RequestGuard.BINARY_HEADER in headers:
+    if not _v2_infer(scope) or RequestGuard.BINARY_HEADER in headers:
         return None
     try:
         v2keys.check(orjson.loads(body))
@@ -143,7 +146,7 @@ def v2_content_type_refusal(scope, headers: dict) -> str | None:
     sent as JSON (KServe takes any other type for the binary extension and answers with a message
     about a missing header). No Content-Type, and the binary extension, are decided elsewhere."""
     declared = headers.get(b"content-type")
-    if declared is None or not scope["path"].endswith("/infer") or not scope["path"].startswith("/v2/"):
+    if declared is None or not _v2_infer(scope):
         return None
     media_type = declared.split(b";", 1)[0].strip().lower()
     if media_type == b"application/json" or media_type.endswith(b"+json") or RequestGuard.BINARY_HEADER in headers:
