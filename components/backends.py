@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from components.runtime import process_temp_dir, read_cpu
 
@@ -409,15 +410,40 @@ class _ChannelAffine(nn.Module):
         return x * self.scale + self.shift
 
 
-def _batchnorm_as_affine(model: nn.Module) -> nn.Module:
-    """Every BatchNorm2d replaced by :class:`_ChannelAffine` (in place). The PT2E convert step
-    tries to fold each batch_norm it finds into a preceding conv by matching dozens of traced
-    patterns (~1 min here; SignNet's BN follows a max-pool, so nothing folds anyway)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, _ChannelAffine(child))
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """The eval-mode ``model`` with its BatchNorm2d layers folded into the convolutions (in place;
+    the same function up to float rounding):
+
+    - conv -> BN -> ReLU becomes conv' -> ReLU (torch's ``fuse_conv_bn_eval``);
+    - conv -> max-pool -> BN -> ReLU (SignNet's blocks) becomes conv' -> ReLU -> max-pool when
+      every channel's BN scale (gamma / sqrt(var + eps)) is positive: a positive per-channel
+      affine map and ReLU are both monotone, so they commute with the max;
+    - any other BatchNorm2d becomes its per-channel affine (:class:`_ChannelAffine`).
+
+    For PT2E int8 this leaves each block one quantized conv with ReLU fused and a u8 output that
+    the max-pool and the next conv read as they are, instead of conv -> u8 -> max-pool ->
+    dequantize -> affine -> ReLU -> quantize: one rounding of the activations per block instead
+    of two. On three gtsrb-dev models, top-1 agreement with fp32 went from 98.97-99.47 % to
+    99.71-99.84 % and batch 64 ran 7-10 % faster (docs/backends-measurements.md). It also spares
+    ``convert_pt2e`` its own conv-BN folding, which traces dozens of patterns (~1 min here)."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        kinds = [type(m) for m in layers]
+        if kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+            folded = [fuse_conv_bn_eval(layers[0], layers[1]), layers[2]]
+        elif kinds == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU] and bool((layers[2].weight > 0).all()):
+            conv, pool, bn, relu = layers
+            folded = [fuse_conv_bn_eval(conv, bn), relu, pool]
         else:
-            _batchnorm_as_affine(child)
+            continue
+        for i in reversed(range(len(seq))):
+            del seq[i]
+        for layer in folded:
+            seq.append(layer)
+    for child in list(model.modules()):
+        for attr, grandchild in list(child.named_children()):
+            if isinstance(grandchild, nn.BatchNorm2d):
+                setattr(child, attr, _ChannelAffine(grandchild))
     return model
 
 
@@ -425,7 +451,7 @@ def _pt2e_int8(model, example, calibration) -> Predict:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     start = time.perf_counter()
-    model = _batchnorm_as_affine(model)
+    model = fold_batchnorm(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
     # An example of batch 1 would specialise the batch dimension to 1 (torch.export's 0/1 rule).
     example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).contiguous()

@@ -252,3 +252,46 @@ def test_pt2e_keeps_the_first_conv_and_the_last_linear_in_fp32(model_and_batch):
     assert backends.pt2e_fp32_ends(model) == ["conv1", "fc2"]          # LPNet
     from components.model import SignNet
     assert backends.pt2e_fp32_ends(SignNet()) == ["features.1.0", "head.5"]
+
+
+def _with_running_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with BN statistics and affine parameters away from their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def test_folding_batchnorm_keeps_the_function_and_leaves_no_batchnorm():
+    from components.model import SignNet
+    model = _with_running_stats(SignNet())
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(x)
+        folded = backends.fold_batchnorm(copy.deepcopy(model))
+        after = folded(x)
+    assert (after - before).abs().max() < 1e-4 * before.abs().max()
+    kinds = [[type(m).__name__ for m in block] for block in folded.features[1:]]
+    assert kinds == [["Conv2d", "ReLU", "MaxPool2d"]] * 3 + [["Conv2d", "ReLU"]]
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, backends._ChannelAffine)) for m in folded.modules())
+    assert backends.pt2e_fp32_ends(folded) == ["features.1.0", "head.5"]
+
+
+def test_a_negative_batchnorm_scale_is_not_moved_past_the_max_pool():
+    """max(a, b) * s = min(a * s, b * s) for s < 0: that block keeps its order, BN as an affine."""
+    from components.model import SignNet
+    model = _with_running_stats(SignNet())
+    model.features[2][2].weight.data[5] = -0.7
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(x)
+        folded = backends.fold_batchnorm(copy.deepcopy(model))
+        after = folded(x)
+    assert (after - before).abs().max() < 1e-4 * before.abs().max()
+    assert [type(m).__name__ for m in folded.features[2]] == ["Conv2d", "MaxPool2d", "_ChannelAffine", "ReLU"]
+    assert [type(m).__name__ for m in folded.features[1]] == ["Conv2d", "ReLU", "MaxPool2d"]
