@@ -233,6 +233,10 @@ BAD = {
                             "request: unknown key(s) ['output']; known: ['id', 'inputs', 'outputs', 'parameters'"),
     "v2 an unknown tensor key": ("POST", V2, {"inputs": [v2()["inputs"][0] | {"contents": []}]}, {}, 400,
                                  "inputs[0]: unknown key(s) ['contents']"),
+    "v2 an unknown input parameter": ("POST", V2,
+                                      {"inputs": [v2()["inputs"][0] | {"parameters": {"shared_memory_region": "r"}}]},
+                                      {}, 400, "input 'image': unknown parameter(s) ['shared_memory_region']; known: "
+                                      "['binary_data_size', 'content_type']"),
     "v2 an unknown output key": ("POST", V2, v2(outputs=[{"name": "class_id", "binary_data": True}]), {}, 400,
                                  "outputs[0]: unknown key(s) ['binary_data']; known: ['name', 'parameters']"),
     "v2 fp32 strings": ("POST", V2, v2("input", "FP32", (1, 3, 32, 32), ["0.5"] * 3072), {}, 400,

@@ -249,6 +249,10 @@ def test_v2_bytes_and_fp32_inputs(model):
     assert rest["outputs"][0]["data"] == outputs["class_id"].data[:1]
     assert rest["outputs"][1]["data"][0] == pytest.approx(outputs["probability"].data[0], abs=1e-6)
 
+    tagged = InferRequest("gtsrb", [InferInput("image", [1], "BYTES", [b64(png)],
+                                               parameters={"content_type": "base64"})])
+    assert model.predict(model.preprocess(tagged)).outputs[0].data == outputs["class_id"].data[:1]  # MLServer-style
+
     request = v2(parameters={"binary_data_output": True})           # KServe's binary extension for outputs
     raw, json_length = model.predict(model.preprocess(request)).to_rest()
     header = json.loads(raw[:json_length])
@@ -325,6 +329,12 @@ BAD_REQUESTS = {
     "v1 binary outputs": (v1({"image": {"b64": GOOD}}) | {"parameters": {"binary_data_output": True}},
                           "unknown parameter"),
     "v2 binary flag not bool": (v2(parameters={"binary_data_output": "yes"}), "true or false"),
+    "v2 an input parameter outside the protocol": (
+        InferRequest("gtsrb", [InferInput("image", [1], "BYTES", [GOOD], parameters={"shared_memory_region": "r"})]),
+        "input 'image': unknown parameter.s. ['shared_memory_region']; known: ['binary_data_size', 'content_type']"),
+    "v2 content_type not a string": (
+        InferRequest("gtsrb", [InferInput("image", [1], "BYTES", [GOOD], parameters={"content_type": 5})]),
+        "input 'image'.parameters.content_type: expected a string, got 5"),
     "v2 two inputs": (InferRequest("gtsrb", [InferInput("image", [1], "BYTES", [GOOD])] * 2), "exactly one input"),
     "v2 unknown input": (v2(name="pixels"), "unknown input"),
     "v2 wrong datatype": (v2(datatype="INT8"), "datatype INT8 is not BYTES"),

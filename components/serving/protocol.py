@@ -41,6 +41,9 @@ V2_INPUTS = {"image": "BYTES", "input": "FP32"}
 V2_OUTPUTS = ("class_id", "class_name", "probability", "top_k_class_id", "top_k_probability")
 V2_PARAMETERS = ("top_k", "binary_data_output")   # the latter: KServe's binary tensor extension, for outputs
 V2_OUTPUT_PARAMETERS = ("binary_data",)
+# An input's: the binary extension's size; content_type, which MLServer-style clients send (its value
+# is not read: the input's name and datatype say what the data is)
+V2_INPUT_PARAMETERS = ("binary_data_size", "content_type")
 NORMALIZED_SLACK = 0.01     # of a channel's normalized range, beyond which client-normalized values are refused
 
 
@@ -343,6 +346,7 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
                      f"or 'input' (FP32, shape [N, {', '.join(map(str, sig.input_shape))}])")
     if item.datatype != expected:
         _fail(where, f"datatype {item.datatype} is not {expected}")
+    _check_input_parameters(item.parameters, where)
     parameters = grpc_parameters(request.parameters) if request.from_grpc else request.parameters
     top_k = parse_parameters(parameters, len(sig.class_names), V2_PARAMETERS)
     names = [output.name for output in request.request_outputs or []]
@@ -385,6 +389,15 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     x = np.empty((len(data), *sig.input_shape), dtype=np.float32)
     _decode_images(x, images, sig)
     return Batch(x, top_k, request)
+
+
+def _check_input_parameters(parameters, where: str) -> None:
+    parameters = parameters or {}               # a dict for gRPC too (KServe converts them)
+    unknown = set(parameters) - set(V2_INPUT_PARAMETERS)
+    if unknown:
+        _fail(where, f"unknown parameter(s) {sorted(unknown)}; known: {list(V2_INPUT_PARAMETERS)}")
+    if not isinstance(parameters.get("content_type", ""), str):
+        _fail(f"{where}.parameters.content_type", f"expected a string, got {_as_json(parameters['content_type'])}")
 
 
 def _check_output_parameters(output) -> None:
