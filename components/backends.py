@@ -564,7 +564,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             + ("ArmInductorQuantizer" if ARM else "X86InductorQuantizer")
             + ", histogram calibration on training images, per-channel s8 weights, first and last layer fp32) "
             "lowered by torch.compile to oneDNN int8 kernels",
-            "torch.export -> torchao prepare_pt2e / convert_pt2e -> torch.compile with freezing",
+            "BN folded into the convs -> torch.export -> torchao prepare_pt2e / convert_pt2e -> torch.compile "
+            "with freezing",
             "int8", _pt2e_int8, _no_pt2e, needs_calibration=True),
 )}
 
