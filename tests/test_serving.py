@@ -4,6 +4,7 @@ validation of every instance, and what a multi-worker server ships to its worker
 import base64
 import io
 import json
+import math
 import pickle
 import random
 import shutil
@@ -489,6 +490,38 @@ def test_the_per_request_timing_middleware_goes_with_the_request_logs(monkeypatc
     kept = [m.cls for m in app.user_middleware]
     assert (TimingMiddleware in kept) is request_logs
     assert server.RequestGuard in kept
+
+
+def test_a_v2_json_body_is_parsed_once_by_the_guard_and_fastapi_gets_that_object(monkeypatch):
+    """FastAPI would parse a V2 JSON body again with json.loads (8x slower than orjson for a
+    tensor of numbers); it gets the guard's object. What orjson refuses (NaN) still goes to json.loads."""
+    import types
+
+    import starlette.requests
+    from fastapi import Body
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    monkeypatch.setattr(server.model_server, "app", app)
+    server.ServerSettings().apply()
+    stdlib = []
+    monkeypatch.setattr(starlette.requests, "json", types.SimpleNamespace(
+        loads=lambda body: stdlib.append(body) or json.loads(body)))
+    seen = []
+
+    async def infer(model_name: str, body: dict = Body(...)):
+        seen.append(body)
+        return {"model": model_name}
+    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0.1, -2.5e-7, 3]}
+    with TestClient(app) as client:
+        assert client.post("/v2/models/m/infer", json={"inputs": [tensor]}).json() == {"model": "m"}
+        assert seen == [{"inputs": [tensor]}] and type(seen[0]["inputs"][0]["data"][2]) is int
+        assert stdlib == []
+        nan = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [NaN]}]}'
+        assert client.post("/v2/models/m/infer", content=nan, headers={"Content-Type": "application/json"}).json() \
+            == {"model": "m"}
+        assert stdlib == [nan] and math.isnan(seen[1]["inputs"][0]["data"][0])
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():

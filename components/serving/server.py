@@ -74,8 +74,11 @@ class RequestGuard:
                                         f"request body exceeds the limit of {self.max_body_bytes} bytes")
             if not message.get("more_body"):
                 break
-        if (refused := v2_unknown_keys(scope, headers, body)) is not None:
+        parsed, refused = v2_json_body(scope, headers, body)
+        if refused is not None:
             return await send_error(scope, send, 400, refused)
+        if parsed is not None:                # FastAPI's Request.json() takes it (read_json_once)
+            scope = {**scope, JSON_BODY: parsed}
         replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay_receive():
@@ -126,19 +129,48 @@ def _v2_infer(scope) -> bool:
     return scope["path"].startswith("/v2/") and scope["path"].endswith("/infer")
 
 
-def v2_unknown_keys(scope, headers: dict, body: bytearray) -> str | None:
-    """Why a V2 JSON infer body is refused for a key outside the protocol, or None (KServe's models
-    would drop the key unread). A body that is not JSON is left to KServe's parser; the binary
-    extension's header is checked where it is read (components/serving/binary.py)."""
+JSON_BODY = "gtsrb.json_body"     # scope key: a V2 JSON infer body as the request guard parsed it
+
+
+def v2_json_body(scope, headers: dict, body: bytearray) -> tuple[object, str | None]:
+    """(a V2 JSON infer body as orjson reads it, why it is refused for a key outside the protocol).
+    The body is None when the request is not a V2 JSON infer request or orjson does not read it
+    (KServe's parser then has its say); the reason is None when nothing is refused (KServe's models
+    would drop an unknown key unread). The binary extension's header is checked where it is read
+    (components/serving/binary.py)."""
     if not _v2_infer(scope) or RequestGuard.BINARY_HEADER in headers:
-        return None
+        return None, None
     try:
-        v2keys.check(orjson.loads(body))
+        parsed = orjson.loads(body)
+        v2keys.check(parsed)
     except orjson.JSONDecodeError:
-        return None
+        return None, None
     except InvalidInput as e:
-        return e.reason
-    return None
+        return None, e.reason
+    return parsed, None
+
+
+def read_json_once() -> None:
+    """FastAPI parses a JSON body with Starlette's ``Request.json()``, the standard library's
+    ``json.loads``: 1.2 ms for a V2 tensor of 3,072 numbers, against orjson's 0.16 ms, and the
+    request guard has parsed the body already. ``Request.json()`` now returns the guard's object
+    when the request carries one (:data:`JSON_BODY`), and parses as before otherwise. For a text
+    orjson reads, it reads what ``json.loads`` reads, except integers beyond 64 bits, which it
+    makes floats (refused all the same: no such number is a valid tensor value, shape or top_k).
+    NaN, Infinity, lone surrogates and a BOM, which orjson refuses, still go to ``json.loads``."""
+    from starlette.requests import Request
+
+    if getattr(Request.json, "reads_guard_body", False):
+        return
+    parse = Request.json
+
+    async def json(self):
+        if not hasattr(self, "_json") and JSON_BODY in self.scope:
+            self._json = self.scope[JSON_BODY]
+        return await parse(self)
+
+    json.reads_guard_body = True
+    Request.json = json
 
 
 def v2_content_type_refusal(scope, headers: dict) -> str | None:
@@ -177,6 +209,7 @@ class ServerSettings:
             return
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
         app.add_middleware(surface.OfferedRoutes)          # outermost: before the body is read
+        read_json_once()
         correct_metadata()
         # KServe 0.21's V1 endpoints answer with FastAPI's ORJSONResponse, which FastAPI deprecates:
         # every worker printed a 3-line warning on its first prediction (KServe's code, not ours).
