@@ -152,7 +152,10 @@ def as_numbers(data, where: str) -> np.ndarray:
     except (ValueError, TypeError) as e:
         _fail(where, f"not a rectangular number array ({e})")
     numeric = array.dtype.kind in "iuf"
-    if isinstance(data, list) and array.ndim and (not numeric or bool in set(map(type, _leaves(data, array.ndim)))):
+    # numpy reads true/false among numbers as 1/0: look for bools only where a 0 or 1 is (C speed)
+    maybe_bool = numeric and bool(((array == 0) | (array == 1)).any())
+    if isinstance(data, list) and array.ndim and (
+            not numeric or (maybe_bool and bool in set(map(type, _leaves(data, array.ndim))))):
         position, value = _first_non_number(data, array.shape)
         if position == ():
             _fail(where, f"expected numbers, got an array of {array.dtype}")
