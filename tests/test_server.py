@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -311,6 +312,27 @@ def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
     assert Counter(map(_logged_request, lines)) == Counter((m, p, s) for m, p, _, _, s, _ in BAD.values())
     new_log = server.log.read_text()[logged:]
     assert "Traceback" not in new_log and " ERROR " not in new_log, new_log[:3000]
+
+
+@pytest.mark.parametrize("request_line", [b"FOO /v1/models/gtsrb:predict HTTP/1.1\r\nHost: x\r\n\r\n",
+                                          b"GET / HTTP/1.1\r\nHost x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\r\n\r\n"])
+def test_a_request_the_http_parser_refuses_is_a_json_400(server, request_line):
+    """An unknown method, a header without a colon, a TLS hello on the plain port: uvicorn's parser
+    refuses them before any route; the answer is JSON like every other client error."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request_line)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 400 Bad Request"
+    assert "content-type: application/json" in [line.lower() for line in lines[1:]]
+    assert json.loads(body) == {"error": "Invalid HTTP request received. The request line or a header is not "
+                                         "HTTP/1.1 this server can parse."}
+    good = requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30)
+    assert good.status_code == 200
 
 
 def _logged_request(line: str) -> tuple[str, str, int]:

@@ -123,6 +123,29 @@ async def send_error(scope, send, status: int, message: str, headers=()) -> None
     await send({"type": "http.response.body", "body": body})
 
 
+def answer_unparsable_requests_in_json() -> None:
+    """uvicorn answers a request its HTTP parser refuses (a malformed request line or header, a
+    method name it does not know) with a plain-text 400 before any route or middleware sees it;
+    here it is the JSON ``{"error": ...}`` of every other client error (uvicorn still logs its one
+    WARNING line). uvicorn takes httptools' parser when httptools is installed ("auto"), as it is
+    wherever kserve is (uvicorn[standard])."""
+    from uvicorn.protocols.http import httptools_impl as impl
+
+    if getattr(impl.HttpToolsProtocol.send_400_response, "json", False):
+        return
+
+    def send_400_response(self, msg: str) -> None:
+        body = orjson.dumps({"error": f"{msg} The request line or a header is not HTTP/1.1 this server can parse."})
+        defaults = [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head = [impl.STATUS_LINE[400], *defaults, b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    send_400_response.json = True
+    impl.HttpToolsProtocol.send_400_response = send_400_response
+
+
 def install_error_handlers(app) -> None:
     """Answer and log client errors as :func:`client_error` does. Run after KServe has added its
     handlers (at startup): they log every error with its traceback, at ERROR."""
