@@ -314,25 +314,42 @@ def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
     assert "Traceback" not in new_log and " ERROR " not in new_log, new_log[:3000]
 
 
+def raw_exchange(server, data: bytes) -> tuple[str, dict, bytes]:
+    """Send ``data`` as it is on a new connection; read until the server closes it: (status line,
+    headers in lower case, body)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    return status, dict(line.lower().split(": ", 1) for line in lines), body
+
+
 @pytest.mark.parametrize("request_line", [b"FOO /v1/models/gtsrb:predict HTTP/1.1\r\nHost: x\r\n\r\n",
                                           b"GET / HTTP/1.1\r\nHost x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\r\n\r\n"])
 def test_a_request_the_http_parser_refuses_is_a_json_400(server, request_line):
     """An unknown method, a header without a colon, a TLS hello on the plain port: uvicorn's parser
     refuses them before any route; the answer is JSON like every other client error."""
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(request_line)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 400 Bad Request"
-    assert "content-type: application/json" in [line.lower() for line in lines[1:]]
+    status, headers, body = raw_exchange(server, request_line)
+    assert status == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
     assert json.loads(body) == {"error": "Invalid HTTP request received. The request line or a header is not "
                                          "HTTP/1.1 this server can parse."}
-    good = requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30)
-    assert good.status_code == 200
+    assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
+
+
+def test_a_request_head_over_the_limit_is_a_json_431(server):
+    """uvicorn's parser buffered a head of any size (a 200 MB header: +205 MB RSS, then a 200)."""
+    from components.serving.surface import MAX_HEAD_BYTES
+    start = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: "
+    status, headers, body = raw_exchange(server, start + b"a" * (MAX_HEAD_BYTES + 1 - len(start)))
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert json.loads(body) == {"error": f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"}
+    under = start + b"a" * (MAX_HEAD_BYTES - 1000) + b"\r\nConnection: close\r\n\r\n"
+    assert raw_exchange(server, under)[0] == "HTTP/1.1 200 OK"
+    assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
 
 
 def _logged_request(line: str) -> tuple[str, str, int]:

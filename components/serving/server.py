@@ -210,7 +210,7 @@ class ServerSettings:
         app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
         app.add_middleware(surface.OfferedRoutes)          # outermost: before the body is read
         read_json_once()
-        surface.answer_unparsable_requests_in_json()
+        surface.harden_http_parser()
         correct_metadata()
         # KServe 0.21's V1 endpoints answer with FastAPI's ORJSONResponse, which FastAPI deprecates:
         # every worker printed a 3-line warning on its first prediction (KServe's code, not ours).

@@ -123,27 +123,63 @@ async def send_error(scope, send, status: int, message: str, headers=()) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-def answer_unparsable_requests_in_json() -> None:
-    """uvicorn answers a request its HTTP parser refuses (a malformed request line or header, a
-    method name it does not know) with a plain-text 400 before any route or middleware sees it;
-    here it is the JSON ``{"error": ...}`` of every other client error (uvicorn still logs its one
-    WARNING line). uvicorn takes httptools' parser when httptools is installed ("auto"), as it is
-    wherever kserve is (uvicorn[standard])."""
+MAX_HEAD_BYTES = 256 << 10     # request line + headers (nginx: 32 KiB, Node: 16 KiB, uvicorn/httptools: none)
+
+
+def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+    """Two gaps of uvicorn's httptools protocol, which parses every request before any middleware
+    or route sees it (uvicorn takes httptools' parser when httptools is installed, "auto", as it
+    is wherever kserve is: uvicorn[standard]):
+
+    - It buffers a request head of any size: a 200 MB header was read whole (worker RSS +205 MB)
+      and the request answered 200. A head still incomplete after ``max_head_bytes`` (counted per
+      read, so at most one read of ~256 KiB more) is now answered 431 and the connection closed.
+    - It answers a request its parser refuses (a malformed request line or header, a method name
+      it does not know) with a plain-text 400. That answer is now the JSON ``{"error": ...}`` of
+      every other client error. uvicorn logs one WARNING line for each, as before.
+    """
     from uvicorn.protocols.http import httptools_impl as impl
 
-    if getattr(impl.HttpToolsProtocol.send_400_response, "json", False):
+    protocol = impl.HttpToolsProtocol
+    if getattr(protocol, "hardened", False):
         return
+    feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
+
+    def on_message_begin(self) -> None:
+        begin(self)
+        self.head_bytes = 0                       # counting: this request's head is incomplete
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = None
+        complete(self)
+
+    def data_received(self, data: bytes) -> None:
+        feed(self, data)                           # the parser calls the two methods above
+        if getattr(self, "head_bytes", None) is None or self.transport.is_closing():
+            return
+        self.head_bytes += len(data)
+        if self.head_bytes > max_head_bytes:
+            self.logger.warning(f"client error: a request head over {max_head_bytes} bytes -> 431")
+            _answer_and_close(self, 431, f"the request line and headers exceed {max_head_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
-        body = orjson.dumps({"error": f"{msg} The request line or a header is not HTTP/1.1 this server can parse."})
-        defaults = [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        head = [impl.STATUS_LINE[400], *defaults, b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        _answer_and_close(self, 400, f"{msg} The request line or a header is not HTTP/1.1 this server can parse.")
 
-    send_400_response.json = True
-    impl.HttpToolsProtocol.send_400_response = send_400_response
+    protocol.on_message_begin, protocol.on_headers_complete = on_message_begin, on_headers_complete
+    protocol.data_received, protocol.send_400_response = data_received, send_400_response
+    protocol.hardened = True
+
+
+def _answer_and_close(connection, status: int, message: str) -> None:
+    """Write ``{"error": message}`` with ``status`` straight to a uvicorn connection, then close it."""
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+    body = orjson.dumps({"error": message})
+    defaults = [name + b": " + value + b"\r\n" for name, value in connection.server_state.default_headers]
+    head = [STATUS_LINE[status], *defaults, b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+    connection.transport.write(b"".join(head) + body)
+    connection.transport.close()
 
 
 def install_error_handlers(app) -> None:
