@@ -8,6 +8,7 @@ import math
 import pickle
 import random
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -522,6 +523,57 @@ def test_a_v2_json_body_is_parsed_once_by_the_guard_and_fastapi_gets_that_object
         assert client.post("/v2/models/m/infer", content=nan, headers={"Content-Type": "application/json"}).json() \
             == {"model": "m"}
         assert stdlib == [nan] and math.isnan(seen[1]["inputs"][0]["data"][0])
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
+    """uvicorn waited forever for a request head (an idle connection, or a slowloris header): with
+    the head timeout shortened in-process, a real uvicorn server answers 408 and closes; a prompt
+    request is answered as usual."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from components.serving import surface
+    from components.serving.client import free_port
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    surface.harden_http_parser(head_timeout_s=0.5)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None,
+                                       lifespan="off"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def exchange(*parts: bytes) -> tuple[bytes, float]:
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                for part in parts:
+                    s.sendall(part)
+                    time.sleep(0.2)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            return answer, time.monotonic() - start
+
+        for parts in [(), (b"GET / HTTP/1.1\r\nHo", b"st: x\r\nX-Slow: a", b"b", b"c")]:
+            answer, seconds = exchange(*parts)
+            assert answer.startswith(b"HTTP/1.1 408 ") and 0.4 < seconds < 5, (parts, answer, seconds)
+            assert answer.endswith(b'{"error":"the request line and headers did not arrive within 0.5 seconds"}')
+        answer, _ = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nok\r\n" in answer
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        surface.harden_http_parser()            # the defaults again, for anything later in this process
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():

@@ -124,33 +124,71 @@ async def send_error(scope, send, status: int, message: str, headers=()) -> None
 
 
 MAX_HEAD_BYTES = 256 << 10     # request line + headers (nginx: 32 KiB, Node: 16 KiB, uvicorn/httptools: none)
+HEAD_TIMEOUT_S = 30.0          # for the request line + headers to arrive (nginx client_header_timeout: 60 s)
 
 
-def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES) -> None:
-    """Two gaps of uvicorn's httptools protocol, which parses every request before any middleware
-    or route sees it (uvicorn takes httptools' parser when httptools is installed, "auto", as it
-    is wherever kserve is: uvicorn[standard]):
+def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+    """Three gaps of uvicorn's httptools protocol, which parses every request before any
+    middleware or route sees it (uvicorn takes httptools' parser when httptools is installed,
+    "auto", as it is wherever kserve is: uvicorn[standard]):
 
     - It buffers a request head of any size: a 200 MB header was read whole (worker RSS +205 MB)
       and the request answered 200. A head still incomplete after ``max_head_bytes`` (counted per
       read, so at most one read of ~256 KiB more) is now answered 431 and the connection closed.
+    - It waits for a head forever: a connection that sends nothing, or a header a byte at a time
+      (slowloris), holds its socket and buffers for good; only a connection idle *after* a response
+      has a timeout. A head not complete ``head_timeout_s`` after the connection opened (or after
+      the request's first byte, for the next request on a kept-alive connection) is now answered
+      408 and the connection closed.
     - It answers a request its parser refuses (a malformed request line or header, a method name
       it does not know) with a plain-text 400. That answer is now the JSON ``{"error": ...}`` of
       every other client error. uvicorn logs one WARNING line for each, as before.
+
+    The limits are class attributes, set on every call (tests shorten the timeout in-process).
     """
     from uvicorn.protocols.http import httptools_impl as impl
 
     protocol = impl.HttpToolsProtocol
+    protocol.max_head_bytes, protocol.head_timeout_s = max_head_bytes, head_timeout_s
     if getattr(protocol, "hardened", False):
         return
+    made, lost = protocol.connection_made, protocol.connection_lost
     feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
+
+    def start_head_timer(self) -> None:
+        if getattr(self, "head_timer", None) is None:
+            self.head_timer = self.loop.call_later(self.head_timeout_s, head_timed_out, self)
+
+    def stop_head_timer(self) -> None:
+        if getattr(self, "head_timer", None) is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            start_head_timer(self)                 # a pipelined head waits for the answer before it
+        elif not self.transport.is_closing():
+            self.logger.warning(f"client error: no complete request head within {self.head_timeout_s:g} s -> 408")
+            _answer_and_close(self, 408, f"the request line and headers did not arrive within "
+                                         f"{self.head_timeout_s:g} seconds")
+
+    def connection_made(self, transport) -> None:
+        made(self, transport)
+        start_head_timer(self)
+
+    def connection_lost(self, exc) -> None:
+        stop_head_timer(self)
+        lost(self, exc)
 
     def on_message_begin(self) -> None:
         begin(self)
         self.head_bytes = 0                       # counting: this request's head is incomplete
+        start_head_timer(self)
 
     def on_headers_complete(self) -> None:
         self.head_bytes = None
+        stop_head_timer(self)
         complete(self)
 
     def data_received(self, data: bytes) -> None:
@@ -158,13 +196,14 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         if getattr(self, "head_bytes", None) is None or self.transport.is_closing():
             return
         self.head_bytes += len(data)
-        if self.head_bytes > max_head_bytes:
-            self.logger.warning(f"client error: a request head over {max_head_bytes} bytes -> 431")
-            _answer_and_close(self, 431, f"the request line and headers exceed {max_head_bytes} bytes")
+        if self.head_bytes > self.max_head_bytes:
+            self.logger.warning(f"client error: a request head over {self.max_head_bytes} bytes -> 431")
+            _answer_and_close(self, 431, f"the request line and headers exceed {self.max_head_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
         _answer_and_close(self, 400, f"{msg} The request line or a header is not HTTP/1.1 this server can parse.")
 
+    protocol.connection_made, protocol.connection_lost = connection_made, connection_lost
     protocol.on_message_begin, protocol.on_headers_complete = on_message_begin, on_headers_complete
     protocol.data_received, protocol.send_400_response = data_received, send_400_response
     protocol.hardened = True
