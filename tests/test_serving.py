@@ -525,6 +525,35 @@ def test_a_v2_json_body_is_parsed_once_by_the_guard_and_fastapi_gets_that_object
         assert stdlib == [nan] and math.isnan(seen[1]["inputs"][0]["data"][0])
 
 
+def test_a_body_that_stops_arriving_is_a_408_and_never_reaches_the_app():
+    """A declared body that stops half way held its buffer (up to the 8 MiB limit) for good."""
+    import asyncio
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see a request whose body never arrived")
+
+    guard = server.RequestGuard(app, max_body_bytes=1000, body_timeout_s=0.2)
+    parts = [{"type": "http.request", "body": b'{"instances": ', "more_body": True}]
+
+    async def receive():
+        if parts:
+            return parts.pop()
+        await asyncio.sleep(3600)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/gtsrb:predict", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
+    start = time.monotonic()
+    asyncio.run(guard(scope, receive, send))
+    assert 0.15 < time.monotonic() - start < 3
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"]) == {"error": "the request body did not arrive within 0.2 seconds"}
+
+
 def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
     """uvicorn waited forever for a request head (an idle connection, or a slowloris header): with
     the head timeout shortened in-process, a real uvicorn server answers 408 and closes; a prompt

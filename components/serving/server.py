@@ -12,6 +12,7 @@ components/serving/surface.py.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import warnings
@@ -29,6 +30,7 @@ from components.serving.metadata import correct_metadata
 from components.serving.surface import send_error
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0       # for a request body to arrive whole, once its head has (surface.HEAD_TIMEOUT_S)
 
 
 class RequestGuard:
@@ -38,9 +40,10 @@ class RequestGuard:
 
     BINARY_HEADER = binary.HEADER.encode()
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
@@ -63,17 +66,16 @@ class RequestGuard:
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
             return await send_error(scope, send, 413, f"request body of {declared.decode(errors='replace')} bytes "
                                                       f"exceeds the limit of {self.max_body_bytes} bytes")
-        body = bytearray()
-        while True:                       # a chunked body has no content-length: count as it arrives
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await send_error(scope, send, 413,
-                                        f"request body exceeds the limit of {self.max_body_bytes} bytes")
-            if not message.get("more_body"):
-                break
+        try:                              # a body that stops arriving would hold its buffer for good
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await self._read_body(receive)
+        except TimeoutError:
+            return await send_error(scope, send, 408, f"the request body did not arrive within "
+                                                      f"{self.body_timeout_s:g} seconds", [(b"connection", b"close")])
+        if body is None:                  # the client went away
+            return
+        if len(body) > self.max_body_bytes:
+            return await send_error(scope, send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
         parsed, refused = v2_json_body(scope, headers, body)
         if refused is not None:
             return await send_error(scope, send, 400, refused)
@@ -85,6 +87,18 @@ class RequestGuard:
             return replay.pop() if replay else await receive()
 
         return await self.app(scope, replay_receive, send)
+
+    async def _read_body(self, receive) -> bytearray | None:
+        """The whole body, or its first bytes past the limit (a chunked body has no content-length:
+        it is counted as it arrives), or None if the client disconnected."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes or not message.get("more_body"):
+                return body
 
 
 def _with_content_type(scope: dict, content_type: bytes) -> dict:
