@@ -340,6 +340,17 @@ def test_a_request_the_http_parser_refuses_is_a_json_400(server, request_line):
     assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
 
 
+def test_a_websocket_upgrade_is_a_json_404(server):
+    """uvicorn answered an upgrade to a route-less app with an empty text/plain 403."""
+    upgrade = (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    status, headers, body = raw_exchange(server, upgrade)
+    assert status == "HTTP/1.1 404 Not Found" and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": "Not Found: this server has no WebSocket route /v2/health/ready; it answers "
+                                         "HTTP requests only"}
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).json() == {"ready": True}
+
+
 def test_a_request_head_over_the_limit_is_a_json_431(server):
     """uvicorn's parser buffered a head of any size (a 200 MB header: +205 MB RSS, then a 200)."""
     from components.serving.surface import MAX_HEAD_BYTES

@@ -65,6 +65,8 @@ class OfferedRoutes:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await refuse_websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
@@ -82,6 +84,21 @@ class OfferedRoutes:
         return await send_error(scope, send, HTTPStatus.METHOD_NOT_ALLOWED,
                                 f"Method Not Allowed: {method} {path}; this path answers {allowed}",
                                 [(b"allow", allowed.encode())])
+
+
+async def refuse_websocket(scope, receive, send) -> None:
+    """This server has no WebSocket route. An upgrade request is refused with a JSON 404 through
+    ASGI's ``websocket.http.response`` extension, which uvicorn offers. Without it, uvicorn sends an
+    empty text/plain 403."""
+    message = f"Not Found: this server has no WebSocket route {scope.get('path', '')}; it answers HTTP requests only"
+    log_client_error({**scope, "method": "GET (WebSocket upgrade)"}, HTTPStatus.NOT_FOUND, message)
+    await receive()                                   # websocket.connect
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close"})
+    body = orjson.dumps({"error": message})
+    await send({"type": "websocket.http.response.start", "status": HTTPStatus.NOT_FOUND,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 class NoModelRepository:
