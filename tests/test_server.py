@@ -340,6 +340,20 @@ def test_a_request_the_http_parser_refuses_is_a_json_400(server, request_line):
     assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
 
 
+def test_a_transfer_coding_other_than_chunked_is_a_415(server):
+    """uvicorn decodes chunked only: a gzip transfer coding was read as if the body were plain."""
+    body = json.dumps(good_v1()).encode()
+    request = (b"POST /v1/models/gtsrb:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+               b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    status, headers, answer = raw_exchange(server, request)
+    assert status == "HTTP/1.1 415 Unsupported Media Type"
+    assert json.loads(answer) == {"error": "Transfer-Encoding gzip, chunked is not supported; send the body as it "
+                                           "is or chunked"}
+    chunked = request.replace(b"gzip, chunked", b"chunked")
+    assert raw_exchange(server, chunked)[0] == "HTTP/1.1 200 OK"
+
+
 def test_a_websocket_upgrade_is_a_json_404(server):
     """uvicorn answered an upgrade to a route-less app with an empty text/plain 403."""
     upgrade = (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

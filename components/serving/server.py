@@ -55,6 +55,11 @@ class RequestGuard:
             encoding = headers[b"content-encoding"].decode(errors="replace")
             return await send_error(scope, send, 415,
                                     f"Content-Encoding {encoding} is not supported; send the body uncompressed")
+        codings = headers.get(b"transfer-encoding", b"").lower().replace(b" ", b"").split(b",")
+        if not set(codings) <= {b"", b"chunked", b"identity"}:      # uvicorn decodes chunked only
+            coding = headers[b"transfer-encoding"].decode(errors="replace")
+            return await send_error(scope, send, 415,
+                                    f"Transfer-Encoding {coding} is not supported; send the body as it is or chunked")
         if self.BINARY_HEADER in headers:
             if not scope["path"].endswith("/infer"):
                 return await send_error(scope, send, 400, "the binary tensor extension "
