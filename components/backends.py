@@ -436,10 +436,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             folded = [fuse_conv_bn_eval(conv, bn), relu, pool]
         else:
             continue
-        for i in reversed(range(len(seq))):
-            del seq[i]
-        for layer in folded:
-            seq.append(layer)
+        del seq[:]
+        seq.extend(folded)
     for child in list(model.modules()):
         for attr, grandchild in list(child.named_children()):
             if isinstance(grandchild, nn.BatchNorm2d):

@@ -234,9 +234,7 @@ def parse_parameters(parameters, num_classes: int, known: tuple[str, ...] = ("to
         return 0
     if not isinstance(parameters, dict):
         _fail("parameters", f"expected an object, got {type(parameters).__name__}")
-    unknown = set(parameters) - set(known)
-    if unknown:
-        _fail("parameters", f"unknown parameter(s) {sorted(unknown)}; known: {list(known)}")
+    _only_known(parameters, known, "parameters")
     if not isinstance(parameters.get("binary_data_output", False), bool):
         _fail("parameters.binary_data_output", "expected true or false")
     if "top_k" not in parameters:
@@ -394,20 +392,22 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     return Batch(x, top_k, request)
 
 
+def _only_known(parameters: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = set(parameters) - set(known)
+    if unknown:
+        _fail(where, f"unknown parameter(s) {sorted(unknown)}; known: {list(known)}")
+
+
 def _check_input_parameters(parameters, where: str) -> None:
     parameters = parameters or {}               # a dict for gRPC too (KServe converts them)
-    unknown = set(parameters) - set(V2_INPUT_PARAMETERS)
-    if unknown:
-        _fail(where, f"unknown parameter(s) {sorted(unknown)}; known: {list(V2_INPUT_PARAMETERS)}")
+    _only_known(parameters, V2_INPUT_PARAMETERS, where)
     if not isinstance(parameters.get("content_type", ""), str):
         _fail(f"{where}.parameters.content_type", f"expected a string, got {_as_json(parameters['content_type'])}")
 
 
 def _check_output_parameters(output) -> None:
     parameters = output.parameters or {}        # a dict for gRPC too (KServe converts them)
-    unknown = set(parameters) - set(V2_OUTPUT_PARAMETERS)
-    if unknown:
-        _fail(f"output '{output.name}'", f"unknown parameter(s) {sorted(unknown)}; known: {list(V2_OUTPUT_PARAMETERS)}")
+    _only_known(parameters, V2_OUTPUT_PARAMETERS, f"output '{output.name}'")
     if not isinstance(parameters.get("binary_data", False), bool):
         _fail(f"output '{output.name}'.parameters.binary_data", "expected true or false")
 

@@ -55,8 +55,7 @@ class RequestGuard:
             encoding = headers[b"content-encoding"].decode(errors="replace")
             return await send_error(scope, send, 415,
                                     f"Content-Encoding {encoding} is not supported; send the body uncompressed")
-        codings = headers.get(b"transfer-encoding", b"").lower().replace(b" ", b"").split(b",")
-        if not set(codings) <= {b"", b"chunked", b"identity"}:      # uvicorn decodes chunked only
+        if b"transfer-encoding" in headers and not _decodable(headers[b"transfer-encoding"]):
             coding = headers[b"transfer-encoding"].decode(errors="replace")
             return await send_error(scope, send, 415,
                                     f"Transfer-Encoding {coding} is not supported; send the body as it is or chunked")
@@ -104,6 +103,11 @@ class RequestGuard:
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes or not message.get("more_body"):
                 return body
+
+
+def _decodable(transfer_encoding: bytes) -> bool:
+    """Whether uvicorn decodes these transfer codings (it decodes chunked only)."""
+    return set(transfer_encoding.lower().replace(b" ", b"").split(b",")) <= {b"", b"chunked", b"identity"}
 
 
 def _with_content_type(scope: dict, content_type: bytes) -> dict:
