@@ -71,31 +71,39 @@ def flops_per_cycle(cpu: CPU) -> tuple[int, str]:
     return 8, "SSE: one 4-lane add + one 4-lane multiply per cycle"
 
 
-def clock_ghz(cpu: CPU, cpufreq: Path = Path("/sys/devices/system/cpu/cpu0/cpufreq")) -> tuple[float, str]:
-    """The core clock: cpufreq's maximum if the kernel exposes it, else /proc/cpuinfo's cpu MHz."""
+def clock_ghz(cpu: CPU, cpufreq: Path = Path("/sys/devices/system/cpu/cpu0/cpufreq")) -> tuple[float | None, str]:
+    """The core clock: cpufreq's maximum if the kernel exposes it, else /proc/cpuinfo's cpu MHz,
+    else None (arm64's /proc/cpuinfo has no clock and cloud VMs often no cpufreq): the spec-sheet
+    peak is then unknown, which the roofline does not need (it uses the measured peak)."""
     max_freq = cpufreq / "cpuinfo_max_freq"
     if max_freq.is_file():
         return int(max_freq.read_text()) / 1e6, f"{max_freq} (maximum)"
     if cpu.mhz:
         return cpu.mhz / 1000, "/proc/cpuinfo 'cpu MHz' (no cpufreq; under a hypervisor this is the nominal clock)"
-    raise SystemExit("cannot read the CPU clock (no cpufreq, no 'cpu MHz' in /proc/cpuinfo): pass --clock-ghz")
+    return None, "unknown (no cpufreq, no 'cpu MHz' in /proc/cpuinfo; pass --clock-ghz for a spec-sheet peak)"
 
 
 @dataclass
 class Peak:
     cores: int
-    ghz: float
+    ghz: float | None               # None: the clock could not be read
     per_cycle: int
     why: str
     clock_source: str
 
     @property
-    def gflops(self) -> float:
-        return self.cores * self.ghz * self.per_cycle
+    def gflops(self) -> float | None:
+        return None if self.ghz is None else self.cores * self.ghz * self.per_cycle
 
     def derivation(self) -> str:
-        return (f"fp32 peak = {self.cores} cores x {self.ghz:.3f} GHz x {self.per_cycle} FLOP/cycle "
-                f"= {self.gflops:.1f} GFLOP/s\n  FLOP/cycle: {self.why}\n  clock: {self.clock_source}")
+        product = (f"{self.cores} cores x {self.ghz:.3f} GHz x {self.per_cycle} FLOP/cycle = {self.gflops:.1f} GFLOP/s"
+                   if self.gflops else f"{self.cores} cores x ? GHz x {self.per_cycle} FLOP/cycle = unknown")
+        return f"fp32 peak = {product}\n  FLOP/cycle: {self.why}\n  clock: {self.clock_source}"
+
+    def share(self, gflops: float) -> str:
+        """' = N % of the spec-sheet peak', or that the spec-sheet peak is unknown."""
+        return f" = {100 * gflops / self.gflops:.0f} % of the spec-sheet peak" if self.gflops else \
+            " (spec-sheet peak unknown)"
 
 
 def fp32_peak(cores: int, cpu: CPU | None = None, ghz: float | None = None) -> Peak:
@@ -430,11 +438,10 @@ def main(argv=None) -> int:
     kernels = gemm_kernels(args.sgemm_size)
     measured = gemm_gflops(kernels)
     for name, gflops in measured.items():
-        print(f"measured fp32: {name} on {threads} threads = {gflops:.1f} GFLOP/s = "
-              f"{100 * gflops / peak.gflops:.0f} % of the spec-sheet peak", flush=True)
+        print(f"measured fp32: {name} on {threads} threads = {gflops:.1f} GFLOP/s{peak.share(gflops)}", flush=True)
     _, source = attainable_peak(measured)
     print(f"roofline: the faster GEMM here, {source}, is timed again at the start of every timing round "
-          f"(the attainable peak, measured alongside the backends); spec sheet {peak.gflops:.1f} GFLOP/s",
+          f"(the attainable peak, measured alongside the backends)",
           flush=True)
 
     if args.model_dir or args.data_dir:
@@ -465,9 +472,9 @@ def main(argv=None) -> int:
     attainable = statistics.median(peak_rates)
     roofline_ms = batch_gflop / attainable * 1e3
     print(f"roofline peak: {source} in the {len(peak_rates)} timing rounds: median {attainable:.1f} GFLOP/s "
-          f"(rounds {min(peak_rates):.1f}-{max(peak_rates):.1f}) = {100 * attainable / peak.gflops:.0f} % of the "
-          f"spec-sheet {peak.gflops:.1f}; roofline at batch {BATCH}: {roofline_ms:.2f} ms (at the spec-sheet peak "
-          f"{batch_gflop / peak.gflops * 1e3:.2f} ms)")
+          f"(rounds {min(peak_rates):.1f}-{max(peak_rates):.1f}){peak.share(attainable)}; roofline at batch {BATCH}: "
+          f"{roofline_ms:.2f} ms" + (f" (at the spec-sheet peak {batch_gflop / peak.gflops * 1e3:.2f} ms)"
+                                     if peak.gflops else ""))
     selection = select_winner(results, args.accuracy_tolerance, args.min_agreement, args.serving_batch)
     f = figures(selection, batch_gflop, peak_rates)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -492,9 +499,10 @@ def main(argv=None) -> int:
           f"other processes {load['other_cpu_percent']:.0f} % of {load['cpus']} CPUs; "
           f"loadavg {' '.join(load['loadavg'])}")
     print(f"results: {out}")
+    at_spec = (f" (at the spec-sheet peak: best fp32 {f['best_fp32_gap'] * attainable / peak.gflops:.2f}x)"
+               if peak.gflops else " (spec-sheet peak unknown)")
     print(f"best fp32: {f['best_fp32']}; winner_vs_eager and gaps use batch-{BATCH} medians; gaps against the "
-          f"attainable peak (at the spec-sheet peak: best fp32 "
-          f"{f['best_fp32_gap'] * attainable / peak.gflops:.2f}x)")
+          f"attainable peak{at_spec}")
     print(target_report(f))
     print(summary_line(f))
     return 0

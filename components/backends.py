@@ -8,9 +8,12 @@ initialisation and compilation are part of the preparation, not of the first tim
 Backends that need calibration images (``needs_calibration``) take them as
 ``prepare(..., calibration=images)``.
 
-No backend reports a precision it did not compute in: preparing compares its logits with fp32's
-on a probe batch, and a "bf16" or "int8" backend whose logits are fp32's (or an "fp32" one whose
-are not) raises :class:`PrecisionNotComputed`, so it is reported skipped with that reason.
+No backend reports a precision it did not compute in. Preparing checks it twice, at its batch size
+and at batch 1: by the numbers (its logits must differ from fp32's the way its precision rounds) and
+by what ran (a reduced-precision backend's convolutions and matrix products must run in bf16 or int8
+kernels, as the profiler or ONNX Runtime's optimized graph shows, not fp32 kernels between
+quantize/dequantize or rounding steps). A backend failing either raises
+:class:`PrecisionNotComputed`, so it is reported skipped with that reason.
 Unavailable backends stay registered and say why (``unavailable()`` returns the reason), so a
 benchmark reports them as skipped instead of dropping them.
 """
@@ -21,6 +24,7 @@ import copy
 import hashlib
 import os
 import platform
+import re
 import shutil
 import time
 import warnings
@@ -98,6 +102,87 @@ def precision_problem(precision: str, got: torch.Tensor, fp32: torch.Tensor) -> 
     return None
 
 
+# --------------------------------------------------------------------------- what ran
+# The dtype the profiler records for a kernel's first input (the activations), per precision.
+KERNEL_DTYPES = {"bf16": {"c10::BFloat16"}, "int8": {"unsigned char", "signed char", "c10::quint8", "c10::qint8"}}
+_MATRIX_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm"}
+
+
+_LAYER_OP = re.compile(r"(^|_|q)(conv(\d|_|olution|$)|linear(_|$))")
+
+
+def _arithmetic(op: str) -> bool:
+    """A convolution or matrix product, under any of the names ATen, oneDNN, MKL or inductor's
+    extern kernels give them (aten::conv2d, mkldnn::_convolution_pointwise, onednn::qconv_pointwise,
+    mkl::_mkl_linear, quantized::linear, ...; not prims::convert_element_type)."""
+    return op in _MATRIX_OPS or bool(_LAYER_OP.search(op.rsplit("::", 1)[-1]))
+
+
+@contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Standard error (the file descriptor) silenced for a block: the profiler's C++ side prints
+    start/stop and GPU-probe lines there that would read as errors in a CPU pipeline's log."""
+    import sys
+
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def kernels_run(predict: Predict, x: torch.Tensor) -> list[tuple[str, str]]:
+    """(operator, dtype of its first input) of each convolution and matrix product one call of
+    ``predict`` ran, as torch's profiler records them (the outermost operator of each, so
+    aten::conv2d and the aten::mkldnn_convolution it calls count once). One call runs before, so
+    a compilation for ``x``'s shape is not what is recorded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    predict(x)
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        predict(x)
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if _arithmetic(parent.name):
+                return False
+            parent = parent.cpu_parent
+        return True
+    return [(e.name, (e.input_dtypes or [""])[0]) for e in prof.events() if _arithmetic(e.name) and outermost(e)]
+
+
+def kernel_problem(precision: str, ran: list[tuple[str, str]], expected: int) -> str | None:
+    """Why ``ran`` (from :func:`kernels_run`) shows fewer than ``expected`` convolutions and matrix
+    products computed in ``precision`` (their inputs in its dtype), or None."""
+    reduced = [op for op, dtype in ran if dtype in KERNEL_DTYPES[precision]]
+    if len(reduced) >= expected:
+        return None
+    others = sorted({f"{op} on {dtype or '?'}" for op, dtype in ran if dtype not in KERNEL_DTYPES[precision]})
+    return (f"claims {precision} but only {len(reduced)} of the {expected} convolutions/matrix products it should "
+            f"compute in {precision} ran {precision} kernels; the others ran {', '.join(others) or 'nothing'} "
+            f"({precision} simulated in fp32)")
+
+
+def _layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def _all_bf16(predict: Predict, x: torch.Tensor, fp32_model: nn.Module) -> str | None:
+    """Every convolution and matrix product ran a bf16 kernel."""
+    return kernel_problem("bf16", kernels_run(predict, x), len(_layers(fp32_model)))
+
+
+def _int8_between_fp32_ends(predict: Predict, x: torch.Tensor, fp32_model: nn.Module) -> str | None:
+    """Every layer but the fp32 first and last (:func:`pt2e_fp32_ends`) ran an int8 kernel."""
+    expected = len(_layers(fp32_model)) - len(pt2e_fp32_ends(fp32_model))
+    return kernel_problem("int8", kernels_run(predict, x), expected)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -108,26 +193,32 @@ class Backend:
     unavailable: Callable[[], str | None] = _usable   # the reason it cannot run here, or None
     needs_calibration: bool = False
     exports: str | None = None   # the format of the file prepare() writes and serving loads ("onnx")
+    # what ran: (predict, probe batch, the fp32 model) -> why its kernels are not in `precision`, or None
+    kernels: Callable[[Predict, torch.Tensor, nn.Module], str | None] | None = None
 
     def prepare(self, model: nn.Module, example: torch.Tensor, calibration: torch.Tensor | None = None) -> Predict:
-        """The backend's predict function, checked on :func:`probe_batch` (``example``'s shape, so
-        a shape-specialising backend compiles for it) against the fp32 model: its logits must
-        differ from fp32 the way its precision does (:func:`precision_problem`), else
-        :class:`PrecisionNotComputed`."""
+        """The backend's predict function, checked on :func:`probe_batch` of ``example``'s shape (so
+        a shape-specialising backend compiles for it) and of batch 1 (the serving batch) against
+        the fp32 model: its logits must differ from fp32 the way its precision does
+        (:func:`precision_problem`) and its ``kernels`` check must find no fp32 arithmetic posing
+        as reduced precision, else :class:`PrecisionNotComputed`."""
         reason = self.unavailable()
         if reason:
             raise BackendUnavailable(f"backend {self.name!r} is unavailable here: {reason}")
         if self.needs_calibration and calibration is None:
             raise ValueError(f"backend {self.name!r} needs calibration images: "
                              "prepare(model, example, calibration=<normalized N x 3 x 32 x 32 training images>)")
+        fp32_model = copy.deepcopy(model).eval()
         model = copy.deepcopy(model).eval()
-        probe = probe_batch(example)
-        with torch.inference_mode():
-            fp32 = model(probe)
         predict = self.build(model, example, calibration)
-        problem = precision_problem(self.precision, predict(probe), fp32)
-        if problem:
-            raise PrecisionNotComputed(f"backend {self.name!r} {problem}")
+        for probe in [probe_batch(example)] + ([probe_batch(example[:1])] if len(example) > 1 else []):
+            with onednn(False), torch.inference_mode():   # ATen's fp32, whatever oneDNN's fp32 math mode says
+                fp32 = fp32_model(probe)
+            got = predict(probe)                            # compiles for this shape, if it compiles
+            problem = ((self.kernels and self.kernels(predict, probe, fp32_model))
+                       or precision_problem(self.precision, got, fp32))
+            if problem:
+                raise PrecisionNotComputed(f"backend {self.name!r} {problem} (batch {len(probe)})")
         return predict
 
 
@@ -293,14 +384,17 @@ def cpu_flags() -> set[str]:
 def int8_types(arm: bool = ARM, flags: set[str] | None = None) -> tuple[str, str, bool, str]:
     """(activation type, weight type, reduce_range, why) for ORT static int8 on this CPU.
 
-    u8 x s8 is ORT's fast path. Where the CPU has a u8 x s8 dot product accumulating in int32
-    (x86 VNNI / AMX, arm64 dot product) full 8-bit weights are exact. Plain AVX2 multiplies
-    u8 x s8 pairs into a saturating int16 (vpmaddubsw), so there weights use 7 bits
+    u8 x s8 is ORT's fast path. Where the CPU has a u8 x s8 product accumulating in int32 (x86
+    VNNI / AMX, arm64's dot product or NEON's widening multiplies) full 8-bit weights are exact.
+    Plain AVX2 multiplies u8 x s8 pairs into a saturating int16 (vpmaddubsw), so there weights use 7 bits
     (reduce_range), as ONNX Runtime recommends for CPUs without VNNI.
     """
     flags = cpu_flags() if flags is None else flags
     if arm:
-        return "QUInt8", "QInt8", False, "arm64: u8 x s8 via dot-product instructions"
+        dot = sorted(flags & {"asimddp", "i8mm"})
+        return "QUInt8", "QInt8", False, (f"arm64 {'/'.join(dot)}: u8 x s8 dot products accumulate in int32" if dot else
+                                          "arm64 without dot-product instructions: NEON widening multiplies "
+                                          "accumulate in int32 (exact, slower)")
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if vnni:
         return "QUInt8", "QInt8", False, f"{'/'.join(vnni)}: u8 x s8 accumulates in int32 without saturation"
@@ -355,6 +449,42 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
     return _ort_session(out)
 
 
+# ONNX Runtime's int8 kernels for the INT8_OPS, as its optimizer fuses DequantizeLinear -> op -> QuantizeLinear.
+ORT_INT8_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def ort_int8_problem(quantized, optimized) -> str | None:
+    """Why the optimized graph ``optimized`` (what ONNX Runtime runs) computes fewer of the QDQ
+    model ``quantized``'s quantized layers (an INT8_OPS node fed by a DequantizeLinear) in int8
+    kernels than there are, or None. Both are onnx ModelProtos."""
+    dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    expected = sum(1 for n in quantized.graph.node if n.op_type in INT8_OPS and dequantized & set(n.input))
+    ran = [n.op_type for n in optimized.graph.node if n.op_type in ORT_INT8_KERNELS]
+    if expected and len(ran) >= expected:
+        return None
+    fp32 = sorted({n.op_type for n in optimized.graph.node if n.op_type in INT8_OPS})
+    return (f"claims int8 but ONNX Runtime's optimized graph has {len(ran)} int8 kernels for the {expected} "
+            f"layers quantized in the model; the rest run {', '.join(fp32) or 'nothing'} between "
+            "DequantizeLinear/QuantizeLinear (int8 simulated in fp32)")
+
+
+def _ort_int8_kernels(predict: Predict, x: torch.Tensor, fp32_model: nn.Module) -> str | None:
+    """The graph ONNX Runtime optimizes the measured file into (same options as the measured
+    session: components/ort.py), checked by :func:`ort_int8_problem`."""
+    import onnx
+
+    from components import ort
+
+    path = predict.exported
+    optimized = path.with_name(f".{path.stem}.{os.getpid()}.optimized.onnx")
+    try:
+        ort.session(path, 1, optimized_to=optimized)
+        return ort_int8_problem(onnx.load(str(path)), onnx.load(str(optimized)))
+    finally:
+        optimized.unlink(missing_ok=True)
+
+
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:12]
 
@@ -372,26 +502,24 @@ def pt2e_fp32_ends(model: nn.Module) -> list[str]:
 
 
 def _pt2e_quantizer(model: nn.Module):
-    """PyTorch's inductor int8 quantizer for this CPU (torchao's PT2E) with its default config:
-    u8 activations calibrated by histogram (the range that minimizes the quantization error, not
-    the raw min/max), s8 per-channel weights. Without VNNI (int8_types' reduce_range) the x86
-    config keeps activations to 7 bits, so AVX2's saturating u8 x s8 pairs stay exact (ORT
+    """PyTorch's inductor int8 quantizer (torchao's PT2E X86InductorQuantizer) with its default
+    config: u8 activations calibrated by histogram (the range that minimizes the quantization
+    error, not the raw min/max), s8 per-channel weights. Without VNNI (int8_types' reduce_range)
+    the config keeps activations to 7 bits, so AVX2's saturating u8 x s8 pairs stay exact (ORT
     narrows the weights instead). On three gtsrb-dev models the histogram kept accuracy within
     0.12–0.29 points of fp32 where min/max calibration lost 0.53–0.73
-    (docs/backends-measurements.md)."""
+    (docs/backends-measurements.md).
+
+    The same config on arm64: torchao's ArmInductorQuantizer (torchao 0.18) quantizes weights per
+    tensor, and torchao's inductor passes only rewrite per-channel weights into oneDNN's int8
+    kernels (``dequantize_per_channel_weight_pattern`` in torchao's inductor_passes/x86.py), so
+    its model would run fp32 convolutions between quantize/dequantize steps. Whether the oneDNN
+    build of this torch has int8 kernels for this CPU, :func:`_int8_between_fp32_ends` checks when
+    the backend is prepared."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-    if ARM:
-        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
-            ArmInductorQuantizer as Quantizer,
-        )
-        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
-            get_default_arm_inductor_quantization_config as default_config,
-        )
-    else:
-        Quantizer, default_config = x86.X86InductorQuantizer, x86.get_default_x86_inductor_quantization_config
-    config = default_config(reduce_range=int8_types()[2]) if not ARM else default_config()
-    quantizer = Quantizer().set_global(config)
+    config = x86.get_default_x86_inductor_quantization_config(reduce_range=int8_types()[2])
+    quantizer = x86.X86InductorQuantizer().set_global(config)
     for name in pt2e_fp32_ends(model):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
@@ -535,7 +663,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onednn-bf16", "bf16, oneDNN on, NHWC: bf16 weights and activations (fp32 accumulation), logits "
             "returned as fp32",
             "model.to(torch.bfloat16, memory_format=torch.channels_last); x.to(torch.bfloat16, ...)",
-            "bf16", _onednn_bf16, _no_bf16),
+            "bf16", _onednn_bf16, _no_bf16, kernels=_all_bf16),
     Backend("channels-last", "fp32, oneDNN on, NHWC (channels_last) weights and input",
             "model.to(memory_format=torch.channels_last); x.contiguous(memory_format=torch.channels_last)",
             "fp32", _channels_last, _no_mkldnn),
@@ -550,21 +678,21 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "(oneDNN bf16 convolutions, fused C++ elementwise code)",
             "torch.compile(model.to(torch.bfloat16, memory_format=torch.channels_last), dynamic=False) "
             "with torch._inductor.config.freezing = True",
-            "bf16", _compile_bf16, lambda: _no_bf16() or _no_compiler()),
+            "bf16", _compile_bf16, lambda: _no_bf16() or _no_compiler(), kernels=_all_bf16),
     Backend("onnxruntime", "fp32, ONNX export (torch.export-based) run by ONNX Runtime's CPU execution provider",
             "torch.onnx.export(dynamo) -> onnxruntime.InferenceSession(CPUExecutionProvider)",
             "fp32", _onnxruntime, _no_onnxruntime, exports="onnx"),
     Backend("onnxruntime-int8", "int8, ONNX Runtime static quantization (QDQ, per-channel weights) calibrated "
             "on training images: " + _int8_description(),
             "onnxruntime.quantization.quantize_static(QDQ, MinMax calibration) -> CPUExecutionProvider",
-            "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True, exports="onnx"),
-    Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's "
-            + ("ArmInductorQuantizer" if ARM else "X86InductorQuantizer")
-            + ", histogram calibration on training images, per-channel s8 weights, first and last layer fp32) "
+            "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True, exports="onnx",
+            kernels=_ort_int8_kernels),
+    Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's X86InductorQuantizer config, "
+            "histogram calibration on training images, per-channel s8 weights, first and last layer fp32) "
             "lowered by torch.compile to oneDNN int8 kernels",
             "BN folded into the convs -> torch.export -> torchao prepare_pt2e / convert_pt2e -> torch.compile "
             "with freezing",
-            "int8", _pt2e_int8, _no_pt2e, needs_calibration=True),
+            "int8", _pt2e_int8, _no_pt2e, needs_calibration=True, kernels=_int8_between_fp32_ends),
 )}
 
 

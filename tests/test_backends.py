@@ -125,10 +125,14 @@ def test_int8_onnxruntime_keeps_the_predictions(model_and_batch, trained_model):
     (False, {"avx2", "avx_vnni"}, False),
     (False, {"amx_int8", "avx512f"}, False),
     (True, {"asimd", "asimddp"}, False),
+    (True, {"asimd"}, False),
 ])
 def test_int8_weights_use_7_bits_only_without_an_int32_dot_product(arm, flags, reduce_range):
     activations, weights, chosen, why = int8_types(arm, flags)
     assert (activations, weights, chosen) == ("QUInt8", "QInt8", reduce_range) and why
+    if arm:
+        assert ("asimddp: u8 x s8 dot products" in why) == ("asimddp" in flags)
+        assert ("without dot-product instructions" in why) == ("asimddp" not in flags)
 
 
 def test_int8_keeps_the_first_and_last_layer_in_fp32(model_and_batch, tmp_path):
@@ -211,6 +215,83 @@ def test_a_backend_never_reports_a_precision_it_did_not_compute_in(model_and_bat
         mislabelled.prepare(model, x)
 
 
+def _inference(fn):
+    def run(x):
+        with torch.inference_mode():
+            return fn(x)
+    return run
+
+
+def test_reduced_precision_simulated_in_fp32_is_caught_by_what_ran(model_and_batch):
+    """Rounding in the right places passes the numbers (the logits land in the bf16/int8 band) but
+    not the kernels check: the convolutions and matrix products ran fp32 kernels."""
+    model, x, _ = model_and_batch
+    int8_grid = Backend("fake-int8", "d", "e", "int8", lambda m, e, c: _inference(_int8_weights(m)),
+                        kernels=backends._int8_between_fp32_ends)
+    bf16_inputs = Backend("fake-bf16", "d", "e", "bf16", lambda m, e, c: _inference(lambda b: m(b.bfloat16().float())),
+                          kernels=backends._all_bf16)
+    for fake, precision in ((int8_grid, "int8"), (bf16_inputs, "bf16")):
+        with torch.inference_mode():
+            got, fp32 = fake.build(copy.deepcopy(model), x, None)(x), model(x)
+        assert backends.precision_problem(precision, got, fp32) is None          # the numbers alone pass it
+        with pytest.raises(backends.PrecisionNotComputed, match=rf"'{fake.name}' claims {precision} but only 0 of "
+                           rf"the \d+ convolutions/matrix products .* ran aten::.* on float .*simulated in fp32"):
+            fake.prepare(model, x)
+    real = dataclasses.replace(bf16_inputs, name="real-bf16", build=lambda m, e, c: lambda b: _bf16(m, b))
+    assert real.prepare(model, x)(x).dtype == torch.float32
+    ran = backends.kernels_run(lambda b: _bf16(model, b), x)
+    assert len(ran) == len(backends._layers(model)) and {dtype for _, dtype in ran} == {"c10::BFloat16"}
+
+
+def test_kernel_problem_counts_the_layers_that_ran_in_the_precision():
+    ran = [("mkldnn::_convolution_pointwise", "float"), ("onednn::qconv_pointwise", "unsigned char"),
+           ("onednn::qlinear_pointwise", "unsigned char"), ("mkl::_mkl_linear", "float")]
+    assert backends.kernel_problem("int8", ran, 2) is None
+    problem = backends.kernel_problem("int8", ran, 3)
+    assert problem.startswith("claims int8 but only 2 of the 3 convolutions/matrix products")
+    assert "mkl::_mkl_linear on float" in problem and "mkldnn::_convolution_pointwise on float" in problem
+    assert "only 0 of the 4" in backends.kernel_problem("bf16", ran, 4)
+    layer_ops = ("aten::conv2d", "aten::convolution", "aten::mkldnn_convolution", "mkldnn::_convolution_pointwise",
+                 "onednn::qconv_pointwise", "onednn::qconv2d_pointwise", "quantized::conv2d_relu", "aten::linear",
+                 "mkl::_mkl_linear", "onednn::qlinear_pointwise", "quantized::linear", "aten::addmm", "aten::mm")
+    assert all(backends._arithmetic(op) for op in layer_ops)
+    other_ops = ("prims::convert_element_type", "aten::relu", "quantized::max_pool2d", "aten::_to_copy", "aten::norm")
+    assert not any(backends._arithmetic(op) for op in other_ops)
+
+
+def test_a_backend_honest_at_its_batch_but_not_at_batch_1_is_rejected(model_and_batch):
+    model, x, _ = model_and_batch
+    split = Backend("bf16-but-not-at-1", "d", "e", "bf16",
+                    lambda m, e, c: lambda b: _bf16(m, b) if len(b) > 1 else _inference(m)(b))
+    with pytest.raises(backends.PrecisionNotComputed, match=r"computed in fp32 \(batch 1\)"):
+        split.prepare(model, x)
+
+
+def _qdq_graphs(fused: bool):
+    """A one-conv QDQ model as quantize_static writes it, and what ONNX Runtime's optimizer made of
+    it: QLinearConv when it fused the DequantizeLinear -> Conv -> QuantizeLinear, else the same Conv."""
+    from onnx import helper
+
+    def graph(nodes):
+        return helper.make_model(helper.make_graph(nodes, "g", [], []))
+    quantized = graph([helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
+                       helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+                       helper.make_node("Conv", ["x", "w"], ["y"]),
+                       helper.make_node("Conv", ["y", "w2"], ["logits"])])     # an fp32 end
+    qconv = ["xq", "s", "z", "wq", "ws", "wz", "ys", "yz"]
+    ran = (helper.make_node("QLinearConv", qconv, ["y"], domain="com.microsoft") if fused
+           else helper.make_node("Conv", ["x", "w"], ["y"]))
+    return quantized, graph([ran, helper.make_node("Conv", ["y", "w2"], ["logits"])])
+
+
+def test_onnxruntime_int8_must_run_int8_kernels_for_every_quantized_layer():
+    assert backends.ort_int8_problem(*_qdq_graphs(fused=True)) is None
+    problem = backends.ort_int8_problem(*_qdq_graphs(fused=False))
+    assert problem == ("claims int8 but ONNX Runtime's optimized graph has 0 int8 kernels for the 1 layers "
+                       "quantized in the model; the rest run Conv between DequantizeLinear/QuantizeLinear "
+                       "(int8 simulated in fp32)")
+
+
 def runnable(name: str) -> Backend:
     """The backend as registered, or, where this CPU has no native kernels for its precision (bf16
     without AVX-512), the same backend with the availability check lifted: PyTorch then emulates
@@ -245,6 +326,27 @@ def test_compiled_reduced_precision_backends_keep_the_predictions(name, model_an
     got = predict(x)
     assert backends.REDUCED_FLOOR < backends.relative_error(got, fp32) < 0.1
     assert (got.argmax(1) == fp32.argmax(1)).float().mean() >= 0.95
+    reduced = [op for op, dtype in backends.kernels_run(predict, x) if dtype in backends.KERNEL_DTYPES[spec.precision]]
+    ends = backends.pt2e_fp32_ends(model) if spec.precision == "int8" else []
+    assert len(reduced) == len(backends._layers(model)) - len(ends)     # LPNet: 2 convs + 2 linears
+
+
+@pytest.mark.slow
+def test_pt2e_with_per_tensor_weights_is_not_lowered_to_int8_and_says_so(model_and_batch, monkeypatch):
+    """torchao's ArmInductorQuantizer config (per-tensor weights): its convolutions stay fp32
+    between quantize/dequantize steps, as they would on arm64; the backend is rejected, not run
+    as 'int8'."""
+    from torchao.quantization.pt2e.quantizer import arm_inductor_quantizer as arm
+
+    model, x, calibration = model_and_batch
+    spec = backends.get("pt2e-int8")
+    if spec.unavailable():
+        pytest.skip(spec.unavailable())
+    monkeypatch.setattr(backends, "_pt2e_quantizer", lambda m: arm.ArmInductorQuantizer().set_global(
+        arm.get_default_arm_inductor_quantization_config()))
+    with pytest.raises(backends.PrecisionNotComputed, match=r"'pt2e-int8' claims int8 but only 0 of the 2 "
+                       r"convolutions/matrix products .*on float .*\(int8 simulated in fp32\)"):
+        spec.prepare(model, x, calibration)
 
 
 def test_pt2e_keeps_the_first_conv_and_the_last_linear_in_fp32(model_and_batch):

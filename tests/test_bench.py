@@ -58,8 +58,13 @@ def test_peak_uses_cores_clock_and_flop_per_cycle(tmp_path):
     (tmp_path / "cpuinfo_max_freq").write_text("2600000\n")
     assert bench.clock_ghz(cpu, tmp_path)[0] == pytest.approx(2.6)
     assert bench.fp32_peak(2, cpu, ghz=3.0).gflops == pytest.approx(96.0)
-    with pytest.raises(SystemExit, match="--clock-ghz"):
-        bench.clock_ghz(parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64"), tmp_path / "none")
+    arm = parse_cpuinfo(arm_cpuinfo("0xd49"), "aarch64")                  # arm64: no 'cpu MHz', no cpufreq
+    ghz, source = bench.clock_ghz(arm, tmp_path / "none")
+    assert ghz is None and "pass --clock-ghz" in source
+    unknown = bench.Peak(2, ghz, 32, "why", source)
+    assert unknown.gflops is None and "x ? GHz x 32 FLOP/cycle = unknown" in unknown.derivation()
+    assert unknown.share(50.0) == " (spec-sheet peak unknown)"
+    assert bench.fp32_peak(2, cpu).share(31.9) == " = 50 % of the spec-sheet peak"
 
 
 def test_the_roofline_uses_the_fastest_measured_gemm():
