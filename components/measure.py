@@ -118,19 +118,22 @@ def latency_stats(rounds: list[list[float]], batch: int, flops_per_image: int | 
 
 
 def ratio_interval(numerator: list[float], denominator: list[float], confidence: float = CONFIDENCE,
-                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
-    """median(numerator) / median(denominator) of paired per-round figures (round i of both was
-    measured in the same round), with a ``confidence`` interval from a paired bootstrap over the
-    rounds: (ratio, low, high)."""
-    if len(numerator) != len(denominator) or not numerator:
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                   paired: bool = True) -> tuple[float, float, float]:
+    """median(numerator) / median(denominator) of per-round figures, with a ``confidence``
+    interval from a bootstrap over the rounds: (ratio, low, high). ``paired``: round i of both was
+    measured in the same round (``make bench``'s interleaving), so rounds are resampled together;
+    otherwise (the pipeline's evaluate tasks, timed one after another) each list on its own."""
+    if not numerator or not denominator or (paired and len(numerator) != len(denominator)):
         raise ValueError(f"paired rounds needed: {len(numerator)} vs {len(denominator)}")
     ratio = statistics.median(numerator) / statistics.median(denominator)
-    rng, n = random.Random(seed), len(numerator)
+    rng = random.Random(seed)
     estimates = []
     for _ in range(resamples):
-        pick = [rng.randrange(n) for _ in range(n)]
-        estimates.append(statistics.median(numerator[i] for i in pick)
-                         / statistics.median(denominator[i] for i in pick))
+        top = [rng.randrange(len(numerator)) for _ in numerator]
+        bottom = top if paired else [rng.randrange(len(denominator)) for _ in denominator]
+        estimates.append(statistics.median(numerator[i] for i in top)
+                         / statistics.median(denominator[i] for i in bottom))
     estimates.sort()
     tail = (1 - confidence) / 2
     return ratio, percentile(estimates, 100 * tail), percentile(estimates, 100 * (1 - tail))

@@ -6,7 +6,9 @@ Rule (parameters in brackets):
    fp32 ``eager`` reference, and top-1 predictions agreeing with the reference on at least
    [min_agreement] % (default 99) of the test images;
 3. among those, the lowest median latency at the serving batch size [serving_batch] (default 1)
-   wins; equal medians are broken by the batch-64 median latency.
+   wins. Backends tied with it within the measurement's noise (the 95 % bootstrap interval of
+   their median ratio, over each one's round medians, contains 1; equal medians where no rounds
+   were recorded) are broken by the batch-64 median latency: a winner is not picked by noise.
 The same function decides in the pipeline's select step and in ``make bench``.
 """
 
@@ -21,11 +23,12 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
 
 from components import confusion
 from components.kfp_step import step
+from components.measure import ratio_interval
 
 TIE_BREAK_BATCH = 64
 RULE = ("eligible: accuracy within ±{tol} points of the fp32 `eager` reference and top-1 "
         "agreement ≥ {agree} %; winner: lowest median latency at batch {batch}, "
-        "ties broken by batch-64 median latency")
+        "ties within noise (95 % interval of the ratio contains 1) broken by batch-64 median latency")
 
 
 class NoEligibleBackend(RuntimeError):
@@ -47,12 +50,31 @@ def guard_verdict(result: dict, accuracy_tolerance: float, min_agreement: float)
     return None
 
 
+def versus(result: dict, other: dict, batch: int) -> tuple[float, float, float]:
+    """result's median latency / other's at ``batch`` with its 95 % interval, bootstrapped over
+    each one's round medians (unpaired: the pipeline times backends in separate tasks); the ratio
+    alone (low = high = ratio) where no round medians were recorded."""
+    mine, theirs = (r["latency"][f"batch{batch}"] for r in (result, other))
+    if mine.get("round_medians_ms") and theirs.get("round_medians_ms"):
+        return ratio_interval(mine["round_medians_ms"], theirs["round_medians_ms"], paired=False)
+    ratio = mine["median_ms"] / theirs["median_ms"]
+    return ratio, ratio, ratio
+
+
+def _tied(result: dict, other: dict, batch: int) -> bool:
+    _, low, high = versus(result, other, batch)
+    return low <= 1.0 <= high
+
+
 def _loser_verdict(loser: dict, winner: dict, serving_batch: int) -> str:
     mine, best = median_ms(loser, serving_batch), median_ms(winner, serving_batch)
-    if mine == best:
-        return (f"slower: tied at batch {serving_batch} ({mine:.3f} ms), then {median_ms(loser, TIE_BREAK_BATCH):.3f} "
-                f"vs {median_ms(winner, TIE_BREAK_BATCH):.3f} ms at batch {TIE_BREAK_BATCH}")
-    return f"slower: {mine:.3f} ms vs {best:.3f} ms median at batch {serving_batch} ({mine / best:.2f}x)"
+    ratio, low, high = versus(loser, winner, serving_batch)
+    interval = f", 95 % interval {low:.2f}-{high:.2f}x" if low != high else ""
+    if _tied(loser, winner, serving_batch):
+        return (f"slower: tied within noise at batch {serving_batch} ({mine:.3f} vs {best:.3f} ms, {ratio:.2f}x"
+                f"{interval}), then {median_ms(loser, TIE_BREAK_BATCH):.3f} vs {median_ms(winner, TIE_BREAK_BATCH):.3f}"
+                f" ms at batch {TIE_BREAK_BATCH}")
+    return f"slower: {mine:.3f} ms vs {best:.3f} ms median at batch {serving_batch} ({ratio:.2f}x{interval})"
 
 
 def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
@@ -80,8 +102,14 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
         raise NoEligibleBackend("no backend passed the accuracy guard: "
                                 + "; ".join(f"{k}: {v}" for k, v in verdicts.items()))
     ranked = sorted(eligible, key=lambda r: (median_ms(r, serving_batch), median_ms(r, TIE_BREAK_BATCH)))
-    winner = ranked[0]
+    tied = [r for r in ranked if _tied(r, ranked[0], serving_batch)]
+    winner = min(tied, key=lambda r: (median_ms(r, TIE_BREAK_BATCH), median_ms(r, serving_batch)))
+    ranked = [winner] + [r for r in ranked if r is not winner]
     verdicts[winner["backend"]] = f"winner: {median_ms(winner, serving_batch):.3f} ms median at batch {serving_batch}"
+    if len(tied) > 1:
+        others = ", ".join(r["backend"] for r in tied if r is not winner)
+        verdicts[winner["backend"]] += (f", tied within noise with {others}; fastest of them at batch "
+                                        f"{TIE_BREAK_BATCH} ({median_ms(winner, TIE_BREAK_BATCH):.3f} ms)")
     for r in ranked[1:]:
         verdicts[r["backend"]] = _loser_verdict(r, winner, serving_batch)
     selection = {

@@ -73,6 +73,9 @@ def test_ratio_interval_is_paired_and_covers_the_ratio():
     assert ratio == pytest.approx(20.25 / 5.0) and low < ratio < high and high / low < 1.3
     with pytest.raises(ValueError, match="paired rounds"):
         ratio_interval(slow, jitter[:5])
+    same, low, high = ratio_interval(slow, fast, paired=False)          # rounds timed apart: no pairing
+    assert same == 4.0 and low < 4.0 < high
+    assert ratio_interval(slow, jitter[:5], paired=False)[0] == pytest.approx(20.25 / 5.0)
 
 
 def test_threads_are_pinned_only_before_torch_is_imported():

@@ -64,7 +64,33 @@ def test_accuracy_above_the_reference_by_more_than_the_tolerance_is_also_rejecte
 def test_a_tie_at_the_serving_batch_is_broken_by_batch_64():
     s = select_winner([result("eager", 2.0, 60.0), result("a", 0.5, 30.0), result("b", 0.5, 25.0)])
     assert s["winner"] == "b"
-    assert s["backends"]["a"]["verdict"] == "slower: tied at batch 1 (0.500 ms), then 30.000 vs 25.000 ms at batch 64"
+    assert s["backends"]["a"]["verdict"] == ("slower: tied within noise at batch 1 (0.500 vs 0.500 ms, 1.00x), "
+                                             "then 30.000 vs 25.000 ms at batch 64")
+
+
+def timed(r, b1_rounds):
+    """``r`` with the round medians its batch-1 median came from."""
+    r["latency"]["batch1"]["round_medians_ms"] = b1_rounds
+    return r
+
+
+def test_a_difference_within_the_timing_noise_is_a_tie_broken_by_batch_64():
+    """Two backends whose batch-1 round medians overlap (one noisy round each way) are not told apart
+    by their medians: batch 64 decides. A clear difference still wins at batch 1."""
+    a = timed(result("a", 0.50, 30.0), [0.50, 0.49, 0.51, 0.50, 0.70, 0.50, 0.48, 0.52, 0.50, 0.49])
+    b = timed(result("b", 0.52, 20.0), [0.52, 0.51, 0.53, 0.40, 0.52, 0.50, 0.54, 0.52, 0.51, 0.53])
+    slow = timed(result("slow", 1.00, 10.0), [1.0, 0.98, 1.02, 1.01, 0.99, 1.0, 1.03, 0.97, 1.0, 1.0])
+    s = select_winner([timed(result("eager", 2.0, 60.0), [2.0] * 10), a, b, slow])
+    assert s["winner"] == "b" and s["ranking"] == ["b", "a", "slow", "eager"]
+    v = {name: r["verdict"] for name, r in s["backends"].items()}
+    assert v["b"] == ("winner: 0.520 ms median at batch 1, tied within noise with a; fastest of them at batch 64 "
+                      "(20.000 ms)")
+    assert v["a"].startswith("slower: tied within noise at batch 1 (0.500 vs 0.520 ms, 0.96x, 95 % interval 0.")
+    assert v["a"].endswith("then 30.000 vs 20.000 ms at batch 64")
+    assert v["slow"].startswith("slower: 1.000 ms vs 0.520 ms median at batch 1 (1.92x, 95 % interval 1.")
+    steady = timed(result("a", 0.50, 30.0), [0.50, 0.49, 0.51, 0.50, 0.50, 0.50, 0.49, 0.51, 0.50, 0.50])
+    assert select_winner([steady, timed(result("b", 0.52, 20.0), [0.52, 0.52, 0.53, 0.52, 0.52, 0.51, 0.52, 0.53,
+                                                                    0.52, 0.52])])["winner"] == "a"
 
 
 def test_serving_batch_picks_the_batch_64_winner_when_asked():
