@@ -11,10 +11,11 @@
   ``serve-onnx`` image (no torch), torch backends in the full ``serve`` image (:data:`RUNTIMES`).
 - :func:`deploy_model`: checks that the storageUri (the select step's served artifact: what was
   measured is what is served) holds the artifact being deployed, creates or replaces the
-  InferenceService (applying twice leaves one), waits for Ready with a timeout (failing with the
-  conditions and the predictor's last events), then for the predictor Deployment to run this
-  model on every replica, checks that the served model names these weights, then smoke-tests the
-  predict URL against the same artifact in-process.
+  InferenceService (applying twice leaves one), waits for a Ready status that describes the
+  predictor Deployment running these weights (:func:`stale_status`) with a timeout (failing with
+  the conditions and the predictor's last events), then for that Deployment to run this model on
+  every replica, checks that the served model names these weights, then smoke-tests the predict
+  URL against the same artifact in-process.
 
 KFP hands artifacts over as ``minio://mlpipeline/v2/artifacts/...`` (a historical scheme name: the
 store is SeaweedFS's S3 API); KServe reads ``s3://`` (components.storage maps one to the other).
@@ -233,25 +234,56 @@ def _not_ready_report(isvc: dict, core, namespace: str, name: str) -> str:
             + "\nlast events of the predictor:\n" + ("\n".join(f"  {e}" for e in events) or "  (none)"))
 
 
-def wait_until_ready(api, core, namespace: str, name: str, timeout: float, poll: float = POLL_SECONDS,
-                     clock=time.monotonic, sleep=time.sleep) -> dict:
-    """Poll until the InferenceService's current generation is Ready; DeployError with the
-    conditions and recent events on timeout or when KServe reports the model cannot load."""
+def stale_status(isvc: dict, deployment: dict | None, weights_sha256: str) -> str | None:
+    """Why the InferenceService's status does not yet describe the predictor Deployment that runs
+    ``weights_sha256`` (None: it does). ``deployment``: the predictor Deployment as the API returns
+    it (None: not created yet).
+
+    In Standard mode KServe's ``status.observedGeneration`` is not the InferenceService's:
+    ``PropagateRawStatus`` sets it to the predictor Deployment's ``status.observedGeneration``
+    (kserve/kserve pkg/apis/serving/v1beta1/inference_service_status.go, ``ss.ObservedGeneration =
+    deploymentList[0].Status.ObservedGeneration``; read at v0.20.0 and master aaac4e29, the mirror
+    has no 0.21 tag). The two counters drift apart: the InferenceService's annotations and labels,
+    which KServe copies into the pod template (pkg/controller/v1beta1/inferenceservice/components/
+    predictor.go, ``buildObjectMeta``), bump the Deployment's generation and not the
+    InferenceService's (metadata is not spec), and a Deployment KServe re-creates starts again at 1.
+    Comparing either way with the InferenceService's generation can take a stale Ready for current
+    or wait for ever on a current one; so the status is compared with the Deployment's own
+    ``metadata.generation``, once that Deployment's template carries these weights."""
+    if deployment is None:
+        return "its predictor Deployment does not exist yet"
+    name = deployment.get("metadata", {}).get("name", "?")
+    if rollout.template_weights(deployment) != weights_sha256:
+        return f"KServe has not put these weights in Deployment {name} yet"
+    observed = isvc.get("status", {}).get("observedGeneration", 0)
+    generation = deployment["metadata"].get("generation", 1)
+    if observed < generation:
+        return f"its status is from Deployment {name} generation {observed}, not the current {generation}"
+    return None
+
+
+def wait_until_ready(api, core, apps, namespace: str, name: str, weights_sha256: str, timeout: float,
+                     poll: float = POLL_SECONDS, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Poll until the InferenceService reports Ready for the predictor Deployment that runs
+    ``weights_sha256`` (:func:`stale_status`); DeployError with the conditions and recent events on
+    timeout or when KServe reports the model cannot load."""
     deadline = clock() + timeout
     while True:
         isvc = _api_call(f"reading InferenceService {namespace}/{name}", api.get_namespaced_custom_object,
                          GROUP, VERSION, namespace, PLURAL, name)
+        stale = stale_status(isvc, rollout.read_deployment(apps, namespace, rollout.predictor_deployment(name)),
+                             weights_sha256)
         status = isvc.get("status", {})
-        current = status.get("observedGeneration", 0) >= isvc["metadata"].get("generation", 1)
         ready = _condition(status, "Ready")
-        if current and ready and ready.get("status") == "True":
+        if not stale and ready and ready.get("status") == "True":
             return isvc
         transition = status.get("modelStatus", {}).get("transitionStatus")
-        if current and transition in FAILED_TRANSITIONS:
+        if not stale and transition in FAILED_TRANSITIONS:
             raise DeployError(f"InferenceService {namespace}/{name} failed ({transition}); "
                               + _not_ready_report(isvc, core, namespace, name))
         if clock() >= deadline:
             raise DeployError(f"InferenceService {namespace}/{name} not Ready after {timeout:.0f}s; "
+                              + (f"status not current: {stale}; " if stale else "")
                               + _not_ready_report(isvc, core, namespace, name))
         sleep(poll)
 
@@ -306,9 +338,9 @@ def deploy_model(model_uri: str, model_dir: str, backend: str, custom_api, core_
     print(f"deploy: applied InferenceService {serving.namespace}/{serving.name} (generation "
           f"{applied['metadata'].get('generation')}), storageUri {storage_uri}, backend {backend}", flush=True)
     deadline = clock() + timeout
-    isvc = wait_until_ready(custom_api, core_api, serving.namespace, serving.name, timeout, clock=clock,
-                            **wait_options)
     try:
+        isvc = wait_until_ready(custom_api, core_api, apps_api, serving.namespace, serving.name, sha, timeout,
+                                clock=clock, **wait_options)
         rollout.wait_for_rollout(apps_api, serving.namespace, serving.name, sha, max(0.0, deadline - clock()),
                                  clock=clock, **wait_options)
         url = service_url(isvc)

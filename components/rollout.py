@@ -47,7 +47,8 @@ def weights_version(weights_sha256: str) -> str:
 
 
 # --------------------------------------------------------------------------- pure
-def _template_weights(deployment: dict) -> str | None:
+def template_weights(deployment: dict) -> str | None:
+    """The weights sha256 the Deployment's pod template gives the predictor container."""
     containers = deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
     env = next((c.get("env") or [] for c in containers if c.get("name") == CONTAINER_NAME), [])
     return next((e.get("value") for e in env if e.get("name") == WEIGHTS_ENV), None)
@@ -59,7 +60,7 @@ def rollout_status(deployment: dict | None, weights_sha256: str) -> tuple[bool, 
     if deployment is None:
         return False, "the predictor Deployment does not exist yet"
     name = deployment.get("metadata", {}).get("name", "?")
-    template = _template_weights(deployment)
+    template = template_weights(deployment)
     if template != weights_sha256:
         return False, f"Deployment {name} still runs weights {template} (KServe has not rolled this model out yet)"
     status = deployment.get("status", {})

@@ -338,6 +338,88 @@ def test_binfmt_check_accepts_a_fix_binary_registration(tmp_path):
     assert "qemu-x86_64 enabled, flags POCF, interpreter /usr/bin/qemu-x86_64" in result.stdout
 
 
+# Rosetta's entry as Lima registers it (apptainer/apptainer#3482); BuildKit looks for the name
+# "rosetta" too (util/archutil). Docker Desktop's interpreter path and flags are not verified here.
+ROSETTA_ENTRY = BINFMT_ENTRY.replace("/usr/bin/qemu-x86_64", "/mnt/lima-rosetta/rosetta")
+
+
+def binfmt_entries(directory: Path, qemu: str | None, rosetta: str | None) -> Path:
+    directory.mkdir()
+    (directory / "status").write_text("enabled\n")
+    for name, text in (("qemu-x86_64", qemu), ("rosetta", rosetta)):
+        if text is not None:
+            (directory / name).write_text(text)
+    return directory
+
+
+@pytest.mark.parametrize("qemu, rosetta, passes, message", [
+    (None, ROSETTA_ENTRY.format(flags="OCF"), True,
+     "rosetta enabled, flags OCF, interpreter /mnt/lima-rosetta/rosetta"),
+    (BINFMT_ENTRY.format(flags="OCF").replace("enabled", "disabled", 1), ROSETTA_ENTRY.format(flags="OCF"), True,
+     "rosetta enabled"),
+    (BINFMT_ENTRY.format(flags="OCF"), ROSETTA_ENTRY.format(flags="OC"), True, "qemu-x86_64 enabled, flags OCF"),
+    # two enabled entries: the kernel runs the one registered last, which /proc does not tell
+    (BINFMT_ENTRY.format(flags="OC"), ROSETTA_ENTRY.format(flags="OCF"), False, "qemu-x86_64 has flags 'OC' without F"),
+    (None, ROSETTA_ENTRY.format(flags="OC"), False, "no qemu-x86_64 registration (the binfmt container's log above "
+                                                    "says why), and rosetta has flags 'OC' without F"),
+])
+def test_binfmt_check_takes_docker_desktops_rosetta_when_qemu_is_not_there(tmp_path, qemu, rosetta, passes, message):
+    directory = binfmt_entries(tmp_path / "binfmt_misc", qemu, rosetta)
+    result = subprocess.run(["bash", ROOT / ".github/scripts/binfmt-check.sh", directory / "qemu-x86_64"],
+                            capture_output=True, text=True)
+    assert result.returncode == (0 if passes else 1)
+    assert message in (result.stdout if passes else result.stderr), (result.stdout, result.stderr)
+
+
+DOCKER_STAND_IN = r"""#!/usr/bin/env bash
+# docker stand-in: records its arguments and runs the container's `sh -c` script on this machine,
+# with $BINFMT_DIR in place of the container's /proc/sys/fs/binfmt_misc
+printf '%s\n' "$@" > "$DOCKER_ARGS"
+while [ "$1" != -c ]; do shift; done
+script=${2//\/proc\/sys\/fs\/binfmt_misc/$BINFMT_DIR}
+shift 2
+exec sh -c "$script" "$@"
+"""
+
+
+def binfmt_check_through_docker(tmp_path, directory: Path) -> subprocess.CompletedProcess:
+    """The check as `make kfp` runs it (no argument): through `docker run`, here a stand-in; `mount`
+    always fails (no privileges here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("docker", DOCKER_STAND_IN), ("mount", "#!/bin/sh\nexit 32\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BINFMT_DIR": str(directory),
+           "DOCKER_ARGS": str(tmp_path / "docker-args"), "BINFMT_IMAGE": "binfmt:pinned"}
+    return subprocess.run(["bash", ROOT / ".github/scripts/binfmt-check.sh"], capture_output=True, text=True, env=env)
+
+
+def test_binfmt_check_reads_the_kernel_docker_runs_on(tmp_path):
+    """On Docker Desktop the host (macOS) has no /proc: the entries are read inside a privileged
+    container, from the kind node image (it has a shell; tonistiigi/binfmt's image is FROM scratch)."""
+    directory = binfmt_entries(tmp_path / "binfmt_misc", BINFMT_ENTRY.format(flags="CF"), None)
+    result = binfmt_check_through_docker(tmp_path, directory)
+    assert result.returncode == 0, result.stderr
+    assert "qemu-x86_64 enabled, flags CF, interpreter /usr/bin/qemu-x86_64 (Docker's kernel)" in result.stdout
+    node_image = yaml.safe_load((ROOT / "kind-config.yaml").read_text())["nodes"][0]["image"]
+    args = (tmp_path / "docker-args").read_text().splitlines()
+    assert args[:6] == ["run", "--rm", "--privileged", "--entrypoint", "sh", node_image]
+    assert args[-2:] == ["qemu-x86_64", "rosetta"]
+
+
+def test_binfmt_check_through_docker_takes_rosetta_and_reports_an_unmounted_binfmt_misc(tmp_path):
+    rosetta_only = binfmt_entries(tmp_path / "desktop", None, ROSETTA_ENTRY.format(flags="OCF"))
+    result = binfmt_check_through_docker(tmp_path, rosetta_only)
+    assert result.returncode == 0 and "rosetta enabled, flags OCF" in result.stdout, result.stderr
+    (rosetta_only / "status").unlink()                   # not mounted, and mounting it fails
+    (tmp_path / "bin").rename(tmp_path / "bin-1")
+    result = binfmt_check_through_docker(tmp_path, rosetta_only)
+    assert result.returncode == 1
+    assert ("binfmt_misc is not mounted in Docker's kernel and a privileged container could not mount it"
+            in result.stderr)
+
+
 def test_make_kserve_waits_for_cert_managers_webhook_and_hides_no_failure():
     out = make("-n", "kserve")
     assert "|| true" not in out

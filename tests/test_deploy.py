@@ -219,15 +219,21 @@ EVENTS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/events")
 
 
 class FakeCluster:
-    """InferenceServices and events in memory, with just enough API-server semantics: 404/409,
-    resourceVersion checks on replace, generation bumps on spec changes; its "controller" marks
-    an InferenceService Ready after ``ready_after`` reads when ``ready_url`` is set, and then
-    reports its predictor Deployment rolled out with the InferenceService's container."""
+    """InferenceServices, their predictor Deployments and events in memory, with just enough
+    API-server semantics: 404/409, resourceVersion checks on replace, generation bumps on spec
+    changes. Its "KServe" reconciles on every read of an InferenceService but the first
+    ``unreconciled`` after a write (those see the previous status) the way KServe 0.21 does in
+    Standard mode: it writes the predictor Deployment with the InferenceService's labels and
+    annotations in the pod template (``buildObjectMeta``), so an annotation-only apply bumps the
+    Deployment's generation and not the InferenceService's, and copies the Deployment's
+    status.observedGeneration into the InferenceService's (``PropagateRawStatus``); its Deployment
+    controller observes every generation at once. Ready after ``ready_after`` reads when
+    ``ready_url`` is set, with the Deployment rolled out."""
 
     def __init__(self):
-        self.objects, self.events, self.writes = {}, [], []
+        self.objects, self.deployments, self.events, self.writes = {}, {}, [], []
         self.version, self.reads = 0, 0
-        self.ready_url, self.ready_after, self.transition = None, 2, None
+        self.ready_url, self.ready_after, self.transition, self.unreconciled = None, 2, None, 0
         self.lock = threading.Lock()
 
     def _bump(self, obj):
@@ -282,32 +288,46 @@ class FakeCluster:
             return 405, status(405, "method not allowed")
 
     def _deployment(self, namespace, name):
-        isvc = self.objects.get((namespace, name.removesuffix("-predictor")))
-        ready = isvc and any(c["type"] == "Ready" and c["status"] == "True"
-                             for c in isvc["status"].get("conditions", []))
-        if not ready:
+        deployment = self.deployments.get((namespace, name))
+        if deployment is None:
             return 404, status(404, f"deployments.apps {name} not found")
-        return 200, {"apiVersion": "apps/v1", "kind": "Deployment",
-                     "metadata": {"name": name, "namespace": namespace, "generation": 1},
-                     "spec": {"replicas": 1, "selector": {},
-                              "strategy": isvc["spec"]["predictor"]["deploymentStrategy"],
-                              "template": {"spec": {"containers": isvc["spec"]["predictor"]["containers"]}}},
-                     "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
-                                "availableReplicas": 1}}
+        return 200, deployment
+
+    def _reconcile_deployment(self, isvc, ready):
+        key = (isvc["metadata"]["namespace"], f"{isvc['metadata']['name']}-predictor")
+        predictor = isvc["spec"]["predictor"]
+        spec = {"replicas": 1, "selector": {}, "strategy": predictor["deploymentStrategy"],
+                "template": {"metadata": {"labels": isvc["metadata"].get("labels", {}),
+                                          "annotations": isvc["metadata"].get("annotations", {})},
+                             "spec": {"containers": predictor["containers"]}}}
+        current = self.deployments.get(key)
+        generation = 1 if current is None else current["metadata"]["generation"] + (current["spec"] != spec)
+        available = int(bool(ready))
+        self.deployments[key] = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": key[1], "namespace": key[0], "generation": generation},
+            "spec": copy.deepcopy(spec),
+            "status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1,
+                       "readyReplicas": available, "availableReplicas": available}}
+        return generation
 
     def _control(self, obj):
+        if self.reads <= self.unreconciled:
+            return                                      # KServe has not reconciled the last write yet
+        ready = not self.transition and self.ready_url and self.reads >= self.ready_after
+        observed = self._reconcile_deployment(obj, ready)
         if self.transition:
-            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "modelStatus": {
+            obj["status"] = {"observedGeneration": observed, "modelStatus": {
                 "transitionStatus": self.transition, "lastFailureInfo": {"reason": "ModelLoadFailed",
                                                                         "message": "sha256 mismatch"}},
                 "conditions": [{"type": "Ready", "status": "False", "reason": "PredictorNotReady"}]}
-        elif self.ready_url and self.reads >= self.ready_after:
-            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "url": "http://gtsrb.example",
+        elif ready:
+            obj["status"] = {"observedGeneration": observed, "url": "http://gtsrb.example",
                              "address": {"url": self.ready_url},
                              "conditions": [{"type": "PredictorReady", "status": "True"},
                                             {"type": "Ready", "status": "True"}]}
         else:
-            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "conditions": [
+            obj["status"] = {"observedGeneration": observed, "conditions": [
                 {"type": "Ready", "status": "False", "reason": "PredictorNotReady",
                  "message": "Revision \"gtsrb-predictor-00001\" failed with message: back-off"}]}
 
@@ -369,9 +389,9 @@ class FakeClock:
         return self.now
 
 
-def wait(custom, core, timeout=30):
-    return deploy.wait_until_ready(custom, core, cluster.NAMESPACE, cluster.INFERENCE_SERVICE, timeout, poll=0,
-                                   clock=FakeClock(), sleep=lambda s: None)
+def wait(custom, core, apps, timeout=30, weights=SHA):
+    return deploy.wait_until_ready(custom, core, apps, cluster.NAMESPACE, cluster.INFERENCE_SERVICE, weights,
+                                   timeout, poll=0, clock=FakeClock(), sleep=lambda s: None)
 
 
 def test_applying_twice_leaves_one_inference_service(fake):
@@ -389,23 +409,23 @@ def test_applying_twice_leaves_one_inference_service(fake):
 
 
 def test_wait_returns_the_ready_inference_service(fake):
-    state, custom, core, *_ = fake
+    state, custom, core, apps = fake
     state.ready_url, state.ready_after = "http://gtsrb-predictor.kubeflow.svc.cluster.local", 3
     deploy.apply_inference_service(custom, render())
-    isvc = wait(custom, core)
+    isvc = wait(custom, core, apps)
     assert state.reads == 3
     assert deploy.service_url(isvc) == "http://gtsrb-predictor.kubeflow.svc.cluster.local"
 
 
 def test_wait_times_out_with_conditions_and_the_predictors_last_events(fake):
-    state, custom, core, *_ = fake
+    state, custom, core, apps = fake
     state.events = [event("gtsrb-predictor-5d9c-x2", "Pod", "BackOff", "Back-off restarting failed container", 9),
                     event("other-app-7f", "Pod", "Failed", "not ours", 10),
                     event(cluster.INFERENCE_SERVICE, "InferenceService", "InternalError", "fails to reconcile", 3),
                     event("gtsrb-predictor-5d9c-x2", "Pod", "Pulled", "image pulled", 1, "Normal")]
     deploy.apply_inference_service(custom, render())
     with pytest.raises(deploy.DeployError) as error:
-        wait(custom, core, timeout=5)
+        wait(custom, core, apps, timeout=5)
     message = str(error.value)
     assert "not Ready after 5s" in message and "Ready=False (PredictorNotReady" in message
     lines = message.splitlines()
@@ -413,21 +433,123 @@ def test_wait_times_out_with_conditions_and_the_predictors_last_events(fake):
                           "  Warning InternalError inferenceservice/gtsrb: fails to reconcile",
                           "  Warning BackOff pod/gtsrb-predictor-5d9c-x2: Back-off restarting failed container"]
     assert "not ours" not in message
+    assert "status not current" not in message, "KServe reconciled: the status is about these weights"
 
 
 def test_wait_fails_at_once_when_kserve_cannot_load_the_model(fake):
-    state, custom, core, *_ = fake
+    state, custom, core, apps = fake
     state.transition = "BlockedByFailedLoad"
     deploy.apply_inference_service(custom, render())
     with pytest.raises(deploy.DeployError, match="failed \\(BlockedByFailedLoad\\).*sha256 mismatch"):
-        wait(custom, core, timeout=1000)
+        wait(custom, core, apps, timeout=1000)
     assert state.reads == 1
 
 
 def test_api_errors_name_the_operation(fake):
-    _, custom, core, *_ = fake
+    _, custom, core, apps = fake
     with pytest.raises(deploy.DeployError, match="reading InferenceService kubeflow/gtsrb: HTTP 404"):
-        wait(custom, core)
+        wait(custom, core, apps)
+
+
+def test_wait_does_not_take_a_stale_ready_for_this_model(fake):
+    """After an annotation-only apply the Deployment is a generation ahead of the InferenceService;
+    right after the next apply the old Ready status reports observedGeneration 2 == the new
+    InferenceService generation 2, yet it is about the old Deployment."""
+    state, custom, core, apps = fake
+    state.ready_url, state.ready_after = "http://gtsrb-predictor.kubeflow.svc.cluster.local", 1
+    deploy.apply_inference_service(custom, render())
+    wait(custom, core, apps)
+    again = render()
+    again["metadata"]["annotations"][gate.IDENTITY["run_id"]] = "run-2"      # same spec, new annotations
+    assert deploy.apply_inference_service(custom, again)["metadata"]["generation"] == 1
+    wait(custom, core, apps)
+    predictor = state.deployments[(cluster.NAMESPACE, "gtsrb-predictor")]
+    assert predictor["metadata"]["generation"] == 2, "the template carries the annotations"
+    other = "cd" * 32
+    state.unreconciled = 2                                  # the next two reads see the previous status
+    applied = deploy.apply_inference_service(custom, deploy.render_inference_service(URI, "eager", other, SERVING))
+    assert applied["metadata"]["generation"] == 2 == applied["status"]["observedGeneration"]
+    isvc = wait(custom, core, apps, weights=other)
+    assert state.reads == 3, "returned only once KServe had reconciled the new spec"
+    assert isvc["status"]["observedGeneration"] == 3 != isvc["metadata"]["generation"]
+
+
+def test_wait_accepts_a_ready_status_from_a_recreated_deployment(fake):
+    """KServe re-creates a deleted predictor Deployment at generation 1: observedGeneration stays
+    below the InferenceService's generation for good, and the status is current all the same."""
+    state, custom, core, apps = fake
+    state.ready_url, state.ready_after = "http://gtsrb-predictor.kubeflow.svc.cluster.local", 1
+    deploy.apply_inference_service(custom, render())
+    wait(custom, core, apps)
+    deploy.apply_inference_service(custom, render("onednn"))
+    state.deployments.clear()                               # kubectl delete deployment gtsrb-predictor
+    isvc = wait(custom, core, apps)
+    assert isvc["metadata"]["generation"] == 2 and isvc["status"]["observedGeneration"] == 1
+    assert state.reads == 1
+
+
+# --------------------------------------------------------------------------- status currency over the recording
+RECORDED = json.loads((Path(__file__).parent / "fixtures" / "kserve-0.21-redeploy.json").read_text())
+NEW = RECORDED["new_weights"]
+
+
+def ready(step):
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in step["isvc"]["status"]["conditions"])
+
+
+def counts_as_current_by_the_isvc_generation(step):
+    """The comparison deploy.py made before: status.observedGeneration against the InferenceService's own."""
+    return step["isvc"]["status"]["observedGeneration"] >= step["isvc"]["metadata"]["generation"]
+
+
+def test_a_stale_ready_status_is_recognised_in_the_recorded_redeploy():
+    applied, (unobserved, pending, stuck) = RECORDED["applied"], RECORDED["rolling_update"]
+    for step, why in ((applied, "KServe has not put these weights in Deployment gtsrb-predictor yet"),
+                      (unobserved, "its status is from Deployment gtsrb-predictor generation 2, not the current 3")):
+        assert ready(step) and counts_as_current_by_the_isvc_generation(step), step["when"]
+        assert deploy.stale_status(step["isvc"], step["deployment"], NEW) == why, step["when"]
+    for step in (pending, stuck, *RECORDED["recreate"]):
+        assert deploy.stale_status(step["isvc"], step["deployment"], NEW) is None, step["when"]
+    assert deploy.stale_status(applied["isvc"], None, NEW) == "its predictor Deployment does not exist yet"
+
+
+def test_the_isvc_generation_does_not_decide_currency():
+    """The same recorded status is current or not by the Deployment's counters alone."""
+    done = copy.deepcopy(RECORDED["recreate"][-1])
+    for generation in (1, 2, 7):
+        done["isvc"]["metadata"]["generation"] = generation
+        assert deploy.stale_status(done["isvc"], done["deployment"], NEW) is None
+    recreated = copy.deepcopy(done)                          # KServe re-created the Deployment
+    recreated["deployment"]["metadata"]["generation"] = recreated["deployment"]["status"]["observedGeneration"] = 1
+    recreated["isvc"]["status"]["observedGeneration"] = 0    # propagated from the object it created: no status
+    assert "generation 0, not the current 1" in deploy.stale_status(recreated["isvc"], recreated["deployment"], NEW)
+    recreated["isvc"]["status"]["observedGeneration"] = 1
+    assert not counts_as_current_by_the_isvc_generation(recreated)
+    assert deploy.stale_status(recreated["isvc"], recreated["deployment"], NEW) is None
+
+
+@pytest.mark.parametrize("sequence, reads", [("rolling_update", 3), ("recreate", 4)])
+def test_wait_until_ready_over_the_recorded_redeploy(sequence, reads):
+    """The recorded objects, read in order: the first Ready status about the new weights' Deployment
+    ends the wait (under RollingUpdate the old pod still serves then: components/rollout.py waits on)."""
+    steps = [RECORDED["applied"], *RECORDED[sequence]]
+
+    class Api:
+        def __init__(self):
+            self.reads = 0
+
+        def get_namespaced_custom_object(self, *args):
+            self.reads += 1
+            return copy.deepcopy(steps[self.reads - 1]["isvc"])
+
+        def read_namespaced_deployment(self, name, namespace):
+            assert (namespace, name) == ("kubeflow", "gtsrb-predictor")
+            return copy.deepcopy(steps[self.reads - 1]["deployment"])
+
+    api = Api()
+    isvc = deploy.wait_until_ready(api, None, api, "kubeflow", "gtsrb", NEW, timeout=60, poll=0, clock=FakeClock(),
+                                   sleep=lambda s: None)
+    assert api.reads == reads and isvc["status"]["observedGeneration"] == 3
 
 
 # --------------------------------------------------------------------------- deploy_model end to end

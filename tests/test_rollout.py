@@ -17,7 +17,7 @@ NEW, OLD = RECORDED["new_weights"], RECORDED["old_weights"]
 
 
 def isvc_ready(step: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in step["isvc_status"]["conditions"])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in step["isvc"]["status"]["conditions"])
 
 
 def test_a_rolling_update_reads_ready_while_the_old_pod_serves_and_the_rollout_check_waits():
@@ -31,6 +31,7 @@ def test_a_rolling_update_reads_ready_while_the_old_pod_serves_and_the_rollout_c
 
 def test_a_rollout_past_its_progress_deadline_fails_at_once():
     *_, stuck = RECORDED["rolling_update"]
+    assert not isvc_ready(stuck), "PropagateRawStatus: Progressing=False with a message makes PredictorReady False"
     with pytest.raises(rollout.RolloutError, match="gtsrb-predictor exceeded its progress deadline: .*timed out"):
         rollout.rollout_status(stuck["deployment"], NEW)
 
