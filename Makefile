@@ -56,8 +56,8 @@ SERVE_GRPC_PORT ?= 8091
 BENCH_DURATION ?= 10
 
 .PHONY: serve
-serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
-	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT) \
+serve: ## serve the latest run-local model + winning backend with KServe on 127.0.0.1 (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
+	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --host 127.0.0.1 --http_port $(SERVE_PORT) \
 		--enable_grpc true --grpc_port $(SERVE_GRPC_PORT)
 
 .PHONY: predict

@@ -2,7 +2,7 @@
 
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
-        [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081]
+        [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081] [--host 127.0.0.1]
     python -m components.serving --summary runs/latest/summary.json ...   (a run-local's served winner)
 
 Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=int(env("GTSRB_MAX_PIXELS", protocol.MAX_REQUEST_PIXELS)),
                         help="most decoded image pixels per request, all its images together; more is 413 "
                              "(env GTSRB_MAX_PIXELS)")
+    parser.add_argument("--host", default=env("GTSRB_HOST"),
+                        help="address the REST and gRPC servers listen on (env GTSRB_HOST); default: every "
+                             "interface, as KServe does (REST 0.0.0.0, gRPC [::]), what the InferenceService's "
+                             "pod needs; `make serve` passes 127.0.0.1")
     parser.add_argument("--request_logs", action="store_true",
                         help="log every request (uvicorn access log + KServe timing lines); off by default")
     # workers 0 = one per CPU this container may use; gRPC (V2) only with --enable_grpc true (it runs
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    server.start(model, settings, workers, args.http_port, args.grpc_port, args.enable_grpc)
+    server.start(model, settings, workers, args.http_port, args.grpc_port, args.enable_grpc, args.host)
     return 0
 
 
