@@ -50,13 +50,13 @@ test: ## lint + the whole test suite (uses $(SAMPLE_DIR) where real images are n
 bench: ## every inference backend side by side on the default model (no pipeline); last line: winner + roofline gaps (BACKENDS=a,b)
 	$(PYTHON) -m bench.bench --run-dir $(OUTPUT_DIR) --sample-dir $(SAMPLE_DIR) $(if $(BACKENDS),--backends $(BACKENDS))
 
-# Serving the latest run-local output ($(OUTPUT_DIR)/summary.json: model path + winning backend).
+# Serving what the latest run-local gate decided ($(OUTPUT_DIR)/summary.json: the run's winner, or the champion in CHAMPION_DIR).
 SERVE_PORT ?= 8090
 SERVE_GRPC_PORT ?= 8091
 BENCH_DURATION ?= 10
 
 .PHONY: serve
-serve: ## serve the latest run-local model + winning backend with KServe on 127.0.0.1 (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
+serve: ## serve what the latest run-local gate decided (its winner, or the champion it kept) with KServe on 127.0.0.1 (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
 	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --host 127.0.0.1 --http_port $(SERVE_PORT) \
 		--enable_grpc true --grpc_port $(SERVE_GRPC_PORT)
 

@@ -207,7 +207,7 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     if promoted:
         summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
         challenger = summary["gate"]["challenger"]
-        record = install_local_champion(champion, summary["model"]["path"], local_champion_record(challenger, folder))
+        record = install_local_champion(champion, summary["served"]["path"], local_champion_record(challenger, folder))
         summary["run"]["champion_record"] = str(record)
     (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)

@@ -3,7 +3,7 @@
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
         [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081] [--host 127.0.0.1]
-    python -m components.serving --summary runs/latest/summary.json ...   (a run-local's served winner)
+    python -m components.serving --summary runs/latest/summary.json ...   (what a run-local's gate decided)
 
 Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
 answered 4xx (gRPC: INVALID_ARGUMENT) with what was wrong; docs/serving-protocols.md says which
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=env("GTSRB_BACKEND"),
                         help="inference backend: the one the served artifact was exported for "
                              "(components/backends.py lists them; env GTSRB_BACKEND)")
-    parser.add_argument("--summary", help="serve the model and winning backend of this run-local summary.json")
+    parser.add_argument("--summary", help="serve what the gate of this run-local summary.json decided: the run's "
+                                          "winner if it promoted it, else the champion it kept")
     parser.add_argument("--expected_sha256", default=env("GTSRB_WEIGHTS_SHA256"),
                         help="refuse an artifact whose weights have another sha256 (env GTSRB_WEIGHTS_SHA256)")
     parser.add_argument("--max_batch", type=int, default=int(env("GTSRB_MAX_BATCH", DEFAULT_MAX_BATCH)),
@@ -64,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.summary:
-        from components.local_run import serving_target
+        from components.artifact import ModelArtifactError
+        from components.local_run import NotServable, serving_choice
 
-        args.model_dir, args.backend = serving_target(args.summary)
+        try:
+            choice = serving_choice(args.summary)
+        except (FileNotFoundError, NotServable, ModelArtifactError) as e:
+            print(f"predictor: {e}", file=sys.stderr)
+            return 1
+        print(f"predictor: {choice.describe()}", file=sys.stderr, flush=True)
+        args.model_dir, args.backend = choice.model_dir, choice.backend
     if not args.backend:
         print("predictor: --backend (or GTSRB_BACKEND) is required", file=sys.stderr)
         return 2
