@@ -30,7 +30,7 @@ from components.deploy import deploy
 from components.evaluate import evaluate
 from components.gate import PROMOTE, gate, identity, install_local_champion, summary_line
 from components.images import image
-from components.ingest import ingest
+from components.ingest import ingest, layout_problem
 from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
 from components.selection import RUN_COLUMNS, results_table, select
@@ -69,11 +69,14 @@ def with_s3_secret(task):
 
 
 DEFAULT_CHAMPION_DIR = "runs/champion"    # run-local's champion (the cluster's is the live InferenceService)
+# run-local downloads GTSRB only into this folder (relative to the working directory, `make`'s: the
+# checkout); any other --data-dir must already hold it in torchvision's layout.
+DEFAULT_DATA_DIR = "data"
 
 
 @dsl.pipeline(name="gtsrb-backends", description="Train a GTSRB traffic-sign CNN, benchmark PyTorch "
               "CPU backends, select the fastest accurate one.")
-def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: str = DEFAULT_ARCH,
+def gtsrb_pipeline(data_dir: str = DEFAULT_DATA_DIR, allow_download: bool = True, arch: str = DEFAULT_ARCH,
                    epochs: int = DEFAULT_EPOCHS, seed: int = 0, backends: list = DEFAULT_BACKENDS,
                    accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
                    serving_batch: int = 1, deploy_target: str = "local", max_regression: float = 0.0,
@@ -161,7 +164,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     full log in OUTPUT_DIR/pipeline.log (``verbose``: streamed too); returns (and writes)
     summary.json. A failed task raises RunLocalFailed with its last lines and the log's path.
     When the gate promotes the winner (and its smoke test passed), it becomes the champion in
-    ``champion_dir``."""
+    ``champion_dir``. Without ``allow_download`` (the CLI allows it only for the default data/), a
+    ``data_dir`` that does not hold GTSRB stops the run before anything starts, naming what it holds."""
     from kfp import local
 
     from components.run_console import RunConsole, plain
@@ -169,7 +173,11 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    if not allow_download and (problem := layout_problem(Path(data_dir).expanduser().resolve())):
+        raise SystemExit(f"run-local: {problem}")
     out = Path(output_dir).resolve()
+    if (out / local_run.SUMMARY_FILE).exists():         # the previous run's artifacts make way
+        shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     artifacts = out / local_run.ARTIFACTS_DIR
     artifacts.mkdir(parents=True, exist_ok=True)
     # Task subprocesses import `components` from this checkout (the images bake it in instead).
@@ -300,9 +308,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("compile", help="write the KFP IR YAML")
     c.add_argument("--output", default="pipeline.yaml")
     r = sub.add_parser("run-local", help="run on KFP's embedded local runner (no cluster)")
-    r.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
-                   help="torchvision GTSRB root (contains gtsrb/GTSRB/...); downloaded there if absent")
-    r.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
+    r.add_argument("--data-dir", default=os.environ.get("DATA_DIR", DEFAULT_DATA_DIR),
+                   help=f"torchvision GTSRB root (contains gtsrb/GTSRB/Training); only the default "
+                        f"{DEFAULT_DATA_DIR}/ is downloaded into when it does not hold it yet")
+    r.add_argument("--no-download", action="store_true", help=f"never download, not even into {DEFAULT_DATA_DIR}/")
     r.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                    help="0 (default): the recipe's length, ~300k images seen (15 epochs of gtsrb-dev, 9 of full GTSRB)")
     r.add_argument("--arch", default=DEFAULT_ARCH)
@@ -349,12 +358,11 @@ def main(argv=None) -> int:
             except json.JSONDecodeError:
                 params[key] = value
         return submit(args, params)
-    out = Path(args.output_dir)
-    if (out / local_run.SUMMARY_FILE).exists():
-        shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     try:
+        default_data = Path(args.data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve()
         run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
-                  arch=args.arch, seed=args.seed, allow_download=not args.no_download, verbose=args.verbose,
+                  arch=args.arch, seed=args.seed, allow_download=default_data and not args.no_download,
+                  verbose=args.verbose,
                   champion_dir=args.champion_dir, max_regression=args.max_regression,
                   force_deploy=args.force_deploy)
     except RunLocalFailed as e:

@@ -133,6 +133,26 @@ def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, 
     assert not (tmp_path / "champion").exists()
 
 
+def test_run_local_downloads_only_into_the_default_data_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_local", lambda *args, **kw: calls.append(kw["allow_download"]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    for argv in ([], ["--data-dir", "data"], ["--data-dir", str(tmp_path / "data")], ["--data-dir", "elsewhere"],
+                 ["--no-download"]):
+        assert pipeline.main(["run-local", *argv]) == 0
+    assert calls == [True, True, True, False, False]
+
+
+def test_run_local_with_a_wrong_data_dir_stops_before_anything_starts(synthetic_root, tmp_path):
+    deep = synthetic_root / "gtsrb"
+    before = sorted(deep.rglob("*"))
+    with pytest.raises(SystemExit, match=f"^run-local: data folder {deep} does not hold GTSRB: .*; found "
+                                         f"GT-final_test.csv, GTSRB/; that is 1 level too deep: use {synthetic_root}$"):
+        pipeline.main(["run-local", "--data-dir", str(deep), "--output-dir", str(tmp_path / "out")])
+    assert sorted(deep.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
