@@ -33,7 +33,7 @@ from components.images import image
 from components.ingest import ingest, layout_problem
 from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
-from components.selection import RUN_COLUMNS, results_table, select
+from components.selection import RUN_COLUMNS, median_ms, results_table, select
 from components.serve import serve
 from components.train import TrainConfig, train
 
@@ -145,15 +145,21 @@ KEY_FIGURES = {
     "train": lambda o, a: (f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %"
                            if "best_val_accuracy" in o["metrics"].metadata else "no validation split, final train "
                            f"accuracy {o['metrics'].metadata['final_train_accuracy']:.2f} % (augmented)"),
-    "evaluate": lambda o, a: (f"b1 median {o['metrics'].metadata['batch1_median_ms']:.3f} ms, accuracy "
-                              f"{o['metrics'].metadata['accuracy']:.2f} %"
-                              if o["result"].metadata.get("status") == "ok" else "skipped (unavailable here)"),
+    "evaluate": lambda o, a: evaluation_figure(json.loads(Path(o["result"].path).read_text())),
     "select": lambda o, a: f"winner {o['Output']}",
     "gate": lambda o, a: o["Output"],
     "serve": lambda o, a: "answers like the artifact (max probability gap "
                           f"{json.loads(Path(o['result'].path).read_text())['max_probability_gap']:.1e})",
 }
 FIXED_TASKS = ("ingest", "preprocess", "train", "select", "gate", "serve")   # + one evaluate per backend
+
+
+def evaluation_figure(result: dict) -> str:
+    """An evaluate task's key figure, from its result JSON: the same unrounded numbers the results
+    table formats (the task's Metrics are rounded to 4 decimals: 75.76499 % would show as 75.77)."""
+    if result["status"] != "ok":
+        return f"skipped: {result['reason']}"
+    return f"b1 median {median_ms(result, 1):.3f} ms, accuracy {result['accuracy']:.2f} %"
 
 
 def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, arch: str = DEFAULT_ARCH,

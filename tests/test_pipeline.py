@@ -153,6 +153,19 @@ def test_run_local_with_a_wrong_data_dir_stops_before_anything_starts(synthetic_
     assert sorted(deep.rglob("*")) == before and not (tmp_path / "out").exists()
 
 
+def test_a_progress_line_and_the_results_table_show_the_same_accuracy():
+    from components.selection import results_table
+
+    accuracy = 100 * 619 / 817                  # 75.76499...: rounded to 4 decimals first, it showed 75.77
+    result = {"backend": "eager", "status": "ok", "accuracy": accuracy, "agreement": 100.0,
+              "latency": {"batch1": {"median_ms": 0.1234}, "batch64": {"median_ms": 2.5}}, "verdict": "winner"}
+    assert pipeline.evaluation_figure(result) == "b1 median 0.123 ms, accuracy 75.76 %"
+    row = results_table({"backends": {"eager": result}}).splitlines()[1].split()
+    assert row[:3] == ["eager", "75.76", "100.00"]
+    assert pipeline.evaluation_figure({"status": "skipped", "reason": "needs AVX512-BF16"}) == \
+        "skipped: needs AVX512-BF16"
+
+
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
