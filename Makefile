@@ -91,7 +91,9 @@ MLMD_PORT ?= 8089
 ENDPOINT_PORT ?= 8085
 CLUSTER_OUTPUT ?= runs/cluster
 RUN_TIMEOUT ?= 5400
-# More pipeline arguments for `make pipeline`, e.g. PIPELINE_ARGS='--arg backends=["eager","onnx"]'.
+# More pipeline arguments for `make pipeline`, as the shell reads them (JSON values need their own
+# quotes): PIPELINE_ARGS="--arg max_regression=0.5 --arg 'backends=[\"eager\",\"onnxruntime\"]'".
+# Backends are simpler as BACKENDS=eager,onnxruntime. `pipeline.py submit` checks every argument.
 PIPELINE_ARGS ?=
 HOST_ARCH := $(shell uname -m)
 PLATFORM ?= linux/$(if $(filter x86_64 amd64,$(HOST_ARCH)),amd64,arm64)
@@ -159,7 +161,7 @@ kserve: cluster ## install cert-manager and KServe 0.21 in Standard mode; wait f
 		$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve
 	$(KUBECTL) -n kserve wait --for=condition=Available deployment/kserve-controller-manager --timeout=10m
 
-pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT
+pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT (EPOCHS=, BACKENDS=a,b, PIPELINE_ARGS=)
 	mkdir -p $(CLUSTER_OUTPUT)
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline $(KFP_API_PORT):8888 > $(CLUSTER_OUTPUT)/port-forward-api.log 2>&1 & api=$$!; \
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/minio-service $(S3_PORT):9000 > $(CLUSTER_OUTPUT)/port-forward-s3.log 2>&1 & s3=$$!; \
@@ -170,7 +172,8 @@ pipeline: cluster images load kfp kserve ## all of the above, then compile, uplo
 		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) \
 		--mlmd-endpoint 127.0.0.1:$(MLMD_PORT) --timeout $(RUN_TIMEOUT) \
 		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
-		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) --arg deploy_target=kserve $(PIPELINE_ARGS)
+		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) --arg deploy_target=kserve \
+		$(PIPELINE_ARGS)
 	@echo "serving now: InferenceService $(NAMESPACE)/$(INFERENCE_SERVICE), weights sha256 $$($(KUBECTL) -n $(NAMESPACE) \
 		get inferenceservice $(INFERENCE_SERVICE) -o jsonpath='{.metadata.annotations.gtsrb/weights-sha256}')"
 

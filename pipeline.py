@@ -245,6 +245,34 @@ def print_table(summary: dict) -> None:
     print(f"\n{results_table(summary, RUN_COLUMNS)}\n\nwinner: {summary['winner']}  model: {summary['model']['path']}")
 
 
+# KFP's parameter types -> the JSON values `submit --arg` accepts for them (bool is not a number here).
+PARAMETER_TYPES = {"String": (str,), "Boolean": (bool,), "Integer": (int,), "Float": (int, float), "List": (list,)}
+DEPLOY_TARGETS = ("local", "kserve")
+
+
+def check_parameters(params: dict) -> None:
+    """ValueError (one line) for a parameter the pipeline does not have, a value of another type, an
+    unknown backend or deploy target: caught before anything is compiled or submitted."""
+    inputs = gtsrb_pipeline.component_spec.inputs
+    for name, value in params.items():
+        if name not in inputs:
+            raise ValueError(f"unknown pipeline parameter {name!r}; known: {', '.join(inputs)}")
+        kind = inputs[name].type
+        if not isinstance(value, PARAMETER_TYPES[kind]) or (isinstance(value, bool) and kind != "Boolean"):
+            hint = ""
+            if kind == "List":          # the shell (or make) ate the quotes of ["a","b"]
+                hint = f" (quote it for the shell: --arg '{name}=[\"a\",\"b\"]'" + \
+                       (", or --backends a,b; make pipeline BACKENDS=a,b)" if name == "backends" else ")")
+            raise ValueError(f"{name}={json.dumps(value)}: expected a JSON {kind.lower()}{hint}")
+    backends = params.get("backends", DEFAULT_BACKENDS)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown else
+                         "backends is empty")
+    if params.get("deploy_target", "local") not in DEPLOY_TARGETS:
+        raise ValueError(f"deploy_target={params['deploy_target']!r}: expected one of {', '.join(DEPLOY_TARGETS)}")
+
+
 def submit(args, params: dict) -> int:
     """Compile, upload (a new version when the pipeline exists), run, wait; 0 only if the run succeeded."""
     import kfp
@@ -338,7 +366,9 @@ def main(argv=None) -> int:
                    help="KFP UI, for the printed run URL (`make ui` port-forwards it there)")
     s.add_argument("--experiment", default="gtsrb")
     s.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline argument, repeatable; VALUE is read as JSON when it parses (epochs=3)")
+                   help="pipeline argument, repeatable; VALUE is read as JSON when it parses (epochs=3, "
+                        "'backends=[\"eager\"]'); checked against the pipeline's parameters before submitting")
+    s.add_argument("--backends", help="comma-separated backend names (the same as --arg backends=[...])")
     s.add_argument("--timeout", type=int, default=5400, help="seconds to wait for the run to finish")
     s.add_argument("--package", default="pipeline.yaml", help="where to write the compiled IR")
     s.add_argument("--summary-out", help="copy the run's summary.json here from KFP's object store "
@@ -363,6 +393,14 @@ def main(argv=None) -> int:
                 params[key] = json.loads(value)
             except json.JSONDecodeError:
                 params[key] = value
+        if args.backends is not None:
+            if "backends" in params:
+                raise SystemExit("submit: give the backends once: --backends or --arg backends=..., not both")
+            params["backends"] = [b for b in args.backends.split(",") if b]
+        try:
+            check_parameters(params)
+        except ValueError as e:
+            raise SystemExit(f"submit: {e}") from None
         return submit(args, params)
     try:
         default_data = Path(args.data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve()

@@ -166,6 +166,48 @@ def test_a_progress_line_and_the_results_table_show_the_same_accuracy():
         "skipped: needs AVX512-BF16"
 
 
+def submitted_parameters(monkeypatch, *make_args) -> dict:
+    """The parameters `make pipeline ...` hands to pipeline.py submit, through make and bash as run."""
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["make", "--no-print-directory", "-n", "pipeline", *make_args], cwd=pipeline.ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    joined = out.replace("\\\n", " ")                             # the recipe's continued lines as one
+    command = joined[joined.index("pipeline.py submit"):].split("\n", 1)[0]
+    called = {}
+    monkeypatch.setattr(pipeline, "submit", lambda args, params: called.update(params) or 0)
+    assert pipeline.main(shlex.split(command)[1:]) == 0
+    return called
+
+
+def test_make_pipeline_passes_backends_and_quoted_json_to_submit(monkeypatch):
+    both = ["eager", "onnxruntime"]
+    assert submitted_parameters(monkeypatch, "BACKENDS=eager,onnxruntime")["backends"] == both
+    quoted = submitted_parameters(monkeypatch, "PIPELINE_ARGS=--arg max_regression=0.5 "
+                                               "--arg 'backends=[\"eager\",\"onnxruntime\"]'")
+    assert quoted == {"backends": both, "max_regression": 0.5, "deploy_target": "kserve"}
+    with pytest.raises(SystemExit, match=r'^submit: backends="\[eager,onnxruntime\]": expected a JSON list'):
+        submitted_parameters(monkeypatch, 'PIPELINE_ARGS=--arg backends=["eager","onnxruntime"]')   # quotes lost
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--arg", "backends=[\"eager\",\"onnx\"]"], r"unknown backend\(s\) \['onnx'\]; known: eager, "),
+    (["--backends", "eager,tpu"], r"unknown backend\(s\) \['tpu'\]"),
+    (["--backends", "eager", "--arg", "backends=[\"eager\"]"], "give the backends once"),
+    (["--arg", "epoch=3"], "unknown pipeline parameter 'epoch'; known: data_dir, "),
+    (["--arg", "epochs=3x"], 'epochs="3x": expected a JSON integer$'),
+    (["--arg", "force_deploy=1"], "force_deploy=1: expected a JSON boolean"),
+    (["--arg", "max_regression=true"], "max_regression=true: expected a JSON float"),
+    (["--arg", "deploy_target=kserv"], "deploy_target='kserv': expected one of local, kserve"),
+    (["--arg", "backends=[]"], "backends is empty"),
+])
+def test_submit_checks_its_parameters_before_anything_else(arguments, message, monkeypatch):
+    monkeypatch.setattr(pipeline, "submit", lambda args, params: pytest.fail("submitted"))
+    with pytest.raises(SystemExit, match=f"^submit: {message}"):
+        pipeline.main(["submit", *arguments])
+
+
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
