@@ -25,6 +25,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import cluster, local_run
+from components.artifact import read_card
 from components.backends import BACKENDS
 from components.deploy import deploy
 from components.evaluate import evaluate
@@ -35,7 +36,7 @@ from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
 from components.selection import RUN_COLUMNS, median_ms, results_table, select
 from components.serve import serve
-from components.train import TrainConfig, train
+from components.train import MAX_PLANNED_EPOCHS, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKENDS = list(BACKENDS)
@@ -142,9 +143,7 @@ KEY_FIGURES = {
     "ingest": lambda o, a: f"{_count(o['raw'], 'train_images')} train + {_count(o['raw'], 'test_images')} "
                            "test images verified",
     "preprocess": lambda o, a: f"{_count(o['data'], 'train_images', 'test_images')} images decoded to 32x32",
-    "train": lambda o, a: (f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %"
-                           if "best_val_accuracy" in o["metrics"].metadata else "no validation split, final train "
-                           f"accuracy {o['metrics'].metadata['final_train_accuracy']:.2f} % (augmented)"),
+    "train": lambda o, a: training_figure(read_card(o["model"].path)["training"]),
     "evaluate": lambda o, a: evaluation_figure(json.loads(Path(o["result"].path).read_text())),
     "select": lambda o, a: f"winner {o['Output']}",
     "gate": lambda o, a: o["Output"],
@@ -152,6 +151,18 @@ KEY_FIGURES = {
                           f"{json.loads(Path(o['result'].path).read_text())['max_probability_gap']:.1e})",
 }
 FIXED_TASKS = ("ingest", "preprocess", "train", "select", "gate", "serve")   # + one evaluate per backend
+
+
+def training_figure(training: dict) -> str:
+    """The train task's key figure, from the model card: epochs trained (why fewer than planned), accuracy."""
+    n = training["epochs_run"]
+    epochs = f"{n} epoch{'s' * (n != 1)}"
+    if training["stopped_by_time_budget"]:
+        epochs += ", stopped by the time budget"
+    if training["val_accuracy"] is not None:
+        return f"{epochs}, best val accuracy {training['val_accuracy']:.2f} %"
+    return f"{epochs}, no validation split, final train accuracy {training['history'][-1]['train_accuracy']:.2f} % " \
+           "(augmented)"
 
 
 def evaluation_figure(result: dict) -> str:
@@ -197,7 +208,7 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
     console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
-    length = f"{epochs} epochs" if epochs else "epochs from the recipe"
+    length = f"{epochs} epochs" if epochs else f"epochs from the recipe (at most {MAX_PLANNED_EPOCHS})"
     console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
     champion = Path(champion_dir).expanduser().resolve()
@@ -215,8 +226,10 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     wall = time.perf_counter() - start
     summary = json.loads(Path(run.output.path).read_text())
     folder = local_run.run_folder(run.output.path)
-    summary["run"] = {"artifacts": str(folder), "wall_seconds": round(wall, 1), "epochs": epochs, "arch": arch,
-                      "data_dir": str(data_dir), "log": str(console.log_path), "champion_dir": str(champion)}
+    trained = read_card(summary["model"]["path"])["training"]
+    summary["run"] = {"artifacts": str(folder), "wall_seconds": round(wall, 1), "epochs": trained["epochs_run"],
+                      "epochs_requested": epochs, "arch": arch, "data_dir": str(data_dir), "log": str(console.log_path),
+                      "champion_dir": str(champion)}
     promoted = summary["gate"]["decision"] == PROMOTE
     if promoted:
         summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
@@ -347,7 +360,8 @@ def main(argv=None) -> int:
                         f"{DEFAULT_DATA_DIR}/ is downloaded into when it does not hold it yet")
     r.add_argument("--no-download", action="store_true", help=f"never download, not even into {DEFAULT_DATA_DIR}/")
     r.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                   help="0 (default): the recipe's length, ~300k images seen (15 epochs of gtsrb-dev, 9 of full GTSRB)")
+                   help="0 (default): the recipe's length, ~300k images seen (14 epochs of gtsrb-dev, 8 of full "
+                        f"GTSRB, at most {MAX_PLANNED_EPOCHS}: the sample's 1.7k images train {MAX_PLANNED_EPOCHS})")
     r.add_argument("--arch", default=DEFAULT_ARCH)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated backend names")

@@ -71,7 +71,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
                                            "evaluate onnxruntime", "select", "gate", "serve"], out
     figures = {m.group(2): m.group(4) for m in tasks}
     assert re.fullmatch(r"1,\d{3} train \+ \d+ test images verified", figures["ingest"])
-    assert re.fullmatch(r"best val accuracy \d+\.\d\d %", figures["train"])
+    assert re.fullmatch(r"1 epoch, best val accuracy \d+\.\d\d %", figures["train"])
     assert re.fullmatch(r"b1 median \d+\.\d{3} ms, accuracy \d+\.\d\d %", figures["evaluate onednn"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert figures["select"] == f"winner {written['winner']}" and f"winner: {written['winner']}" in out
@@ -79,6 +79,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     log = (tmp_path / "pipeline.log").read_text()
     assert "Executing task 'train'" in log and "train: epoch 1/1" in log and "\x1b[" not in log
     assert written["run"]["log"] == str(tmp_path / "pipeline.log")
+    assert written["run"]["epochs"] == written["run"]["epochs_requested"] == 1
 
     assert set(written["backends"]) == {"eager", "onednn", "onnxruntime"}
     for name, result in written["backends"].items():
@@ -151,6 +152,14 @@ def test_run_local_with_a_wrong_data_dir_stops_before_anything_starts(synthetic_
                                          f"GT-final_test.csv, GTSRB/; that is 1 level too deep: use {synthetic_root}$"):
         pipeline.main(["run-local", "--data-dir", str(deep), "--output-dir", str(tmp_path / "out")])
     assert sorted(deep.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
+def test_the_train_line_says_how_many_epochs_ran_and_why():
+    history = [{"train_accuracy": 61.234}]
+    card = {"epochs_run": 30, "stopped_by_time_budget": False, "val_accuracy": None, "history": history}
+    assert pipeline.training_figure(card) == "30 epochs, no validation split, final train accuracy 61.23 % (augmented)"
+    card.update(epochs_run=1, stopped_by_time_budget=True, val_accuracy=97.5)
+    assert pipeline.training_figure(card) == "1 epoch, stopped by the time budget, best val accuracy 97.50 %"
 
 
 def test_a_progress_line_and_the_results_table_show_the_same_accuracy():
