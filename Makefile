@@ -15,6 +15,9 @@ OUTPUT_DIR ?= runs/latest
 CHAMPION_DIR ?= runs/champion
 MAX_REGRESSION ?=
 FORCE_DEPLOY ?=
+# FORCE_DEPLOY=1/true/yes promotes whatever the gate says; 0/false/no (or unset) does not; anything else is an error.
+FORCE_DEPLOY_FLAG = $(if $(filter 1 true yes,$(FORCE_DEPLOY)),--force-deploy,$(if $(filter-out 0 false no,$(FORCE_DEPLOY)),\
+	$(error FORCE_DEPLOY=$(FORCE_DEPLOY): use 1, true or yes to force, 0, false or no not to)))
 SAMPLE_DIR ?= ../shared/gtsrb-sample
 
 .PHONY: help
@@ -35,7 +38,7 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b, FORCE_DEPLOY=1)
 	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
-		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(if $(FORCE_DEPLOY),--force-deploy)
+		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG)
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)

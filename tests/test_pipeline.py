@@ -217,6 +217,24 @@ def test_submit_checks_its_parameters_before_anything_else(arguments, message, m
         pipeline.main(["submit", *arguments])
 
 
+@pytest.mark.parametrize("value, forced", [("1", True), ("true", True), ("yes", True), ("0", False),
+                                           ("false", False), ("no", False), ("", False)])
+def test_make_local_forces_deploy_only_when_told_yes(value, forced):
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "local", f"FORCE_DEPLOY={value}"], cwd=pipeline.ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert ("--force-deploy" in out) is forced and "pipeline.py run-local" in out
+
+
+def test_make_local_refuses_a_force_deploy_value_it_does_not_know():
+    import subprocess
+
+    done = subprocess.run(["make", "-n", "local", "FORCE_DEPLOY=ture"], cwd=pipeline.ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "FORCE_DEPLOY=ture: use 1, true or yes to force" in done.stderr
+
+
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
