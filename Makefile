@@ -35,7 +35,7 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 	bash .github/scripts/install-tools.sh static
 
 .PHONY: local
-local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b, FORCE_DEPLOY=1)
+local: ## run the whole pipeline on KFP's local runner (DATA_DIR=data, EPOCHS=, BACKENDS=a,b, OUTPUT_DIR=runs/latest, CHAMPION_DIR=runs/champion, MAX_REGRESSION=0, FORCE_DEPLOY=1)
 	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
 		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG)
@@ -45,12 +45,12 @@ compile: ## compile the pipeline to pipeline.yaml (KFP IR)
 	$(PYTHON) pipeline.py compile --output pipeline.yaml
 
 .PHONY: test
-test: ## lint + the whole test suite (uses $(SAMPLE_DIR) where real images are needed)
+test: ## lint + the whole test suite (real-image tests read SAMPLE_DIR=../shared/gtsrb-sample)
 	$(PYTHON) -m ruff check components tests bench pipeline.py
 	GTSRB_SAMPLE_DIR=$(SAMPLE_DIR) $(PYTHON) -m pytest -q
 
 .PHONY: bench
-bench: ## every inference backend side by side on the default model (no pipeline); last line: winner + roofline gaps (BACKENDS=a,b)
+bench: ## every inference backend side by side in one process on the latest `make local` model in OUTPUT_DIR (none: one trained on SAMPLE_DIR); last line: winner + roofline gaps (BACKENDS=a,b)
 	$(PYTHON) -m bench.bench --run-dir $(OUTPUT_DIR) --sample-dir $(SAMPLE_DIR) $(if $(BACKENDS),--backends $(BACKENDS))
 
 # Serving what the latest run-local gate decided ($(OUTPUT_DIR)/summary.json: the run's winner, or the champion in CHAMPION_DIR).

@@ -185,7 +185,7 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     ``data_dir`` that does not hold GTSRB stops the run before anything starts, naming what it holds."""
     from kfp import local
 
-    from components.run_console import RunConsole, plain
+    from components.run_console import NAME_WIDTH, RunConsole, plain
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -207,7 +207,9 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     # CPU/memory requests are for the cluster (TASK_CPU, ...); the local runner ignores them, as expected.
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
-    console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
+    labels = [*FIXED_TASKS, *(f"evaluate {b}" for b in backends)]
+    console = RunConsole(out / local_run.LOG_FILE, len(labels), KEY_FIGURES, verbose,
+                         name_width=max(NAME_WIDTH, *map(len, labels)))
     length = f"{epochs} epochs" if epochs else f"epochs from the recipe (at most {MAX_PLANNED_EPOCHS})"
     console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
@@ -236,6 +238,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
         challenger = summary["gate"]["challenger"]
         record = install_local_champion(champion, summary["served"]["path"], local_champion_record(challenger, folder))
         summary["run"]["champion_record"] = str(record)
+    else:
+        console.skipped("serve", "the gate kept the champion: nothing new to serve")
     (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
     if promoted:

@@ -272,6 +272,7 @@ def test_run_local_gate_promotes_keeps_and_forces_on_the_sample(sample_dir, tmp_
         first["gate"]["challenger"]["accuracy"])
     assert gate["challenger"]["accuracy"] < gate["champion"]["accuracy"]
     assert f"gate: keep — {gate['reason']}" in printed and "(unchanged)" in printed
+    assert re.search(r"^\[7/7\] serve +skipped  the gate kept the champion", printed, re.MULTILINE)
 
     code, third, printed = run(1, "--force-deploy")
     assert code == 0 and third["gate"]["decision"] == "promote"
