@@ -169,7 +169,7 @@ def evaluation_figure(result: dict) -> str:
     """An evaluate task's key figure, from its result JSON: the same unrounded numbers the results
     table formats (the task's Metrics are rounded to 4 decimals: 75.76499 % would show as 75.77)."""
     if result["status"] != "ok":
-        return f"skipped: {result['reason']}"
+        return "skipped (the table below says why)"
     return f"b1 median {median_ms(result, 1):.3f} ms, accuracy {result['accuracy']:.2f} %"
 
 
