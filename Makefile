@@ -15,6 +15,9 @@ OUTPUT_DIR ?= runs/latest
 CHAMPION_DIR ?= runs/champion
 MAX_REGRESSION ?=
 FORCE_DEPLOY ?=
+# FORCE_DEPLOY=1/true/yes promotes whatever the gate says; 0/false/no (or unset) does not; anything else is an error.
+FORCE_DEPLOY_FLAG = $(if $(filter 1 true yes,$(FORCE_DEPLOY)),--force-deploy,$(if $(filter-out 0 false no,$(FORCE_DEPLOY)),\
+	$(error FORCE_DEPLOY=$(FORCE_DEPLOY): use 1, true or yes to force, 0, false or no not to)))
 SAMPLE_DIR ?= ../shared/gtsrb-sample
 
 .PHONY: help
@@ -32,32 +35,32 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 	bash .github/scripts/install-tools.sh static
 
 .PHONY: local
-local: ## run the whole pipeline on KFP's local runner (DATA_DIR=..., EPOCHS=..., BACKENDS=a,b, FORCE_DEPLOY=1)
+local: ## run the whole pipeline on KFP's local runner (DATA_DIR=data, EPOCHS=, BACKENDS=a,b, OUTPUT_DIR=runs/latest, CHAMPION_DIR=runs/champion, MAX_REGRESSION=0, FORCE_DEPLOY=1)
 	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
-		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(if $(FORCE_DEPLOY),--force-deploy)
+		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG)
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)
 	$(PYTHON) pipeline.py compile --output pipeline.yaml
 
 .PHONY: test
-test: ## lint + the whole test suite (uses $(SAMPLE_DIR) where real images are needed)
+test: ## lint + the whole test suite (real-image tests read SAMPLE_DIR=../shared/gtsrb-sample)
 	$(PYTHON) -m ruff check components tests bench pipeline.py
 	GTSRB_SAMPLE_DIR=$(SAMPLE_DIR) $(PYTHON) -m pytest -q
 
 .PHONY: bench
-bench: ## every inference backend side by side on the default model (no pipeline); last line: winner + roofline gaps (BACKENDS=a,b)
+bench: ## every inference backend side by side in one process on the latest `make local` model in OUTPUT_DIR (none: one trained on SAMPLE_DIR); last line: winner + roofline gaps (BACKENDS=a,b)
 	$(PYTHON) -m bench.bench --run-dir $(OUTPUT_DIR) --sample-dir $(SAMPLE_DIR) $(if $(BACKENDS),--backends $(BACKENDS))
 
-# Serving the latest run-local output ($(OUTPUT_DIR)/summary.json: model path + winning backend).
+# Serving what the latest run-local gate decided ($(OUTPUT_DIR)/summary.json: the run's winner, or the champion in CHAMPION_DIR).
 SERVE_PORT ?= 8090
 SERVE_GRPC_PORT ?= 8091
 BENCH_DURATION ?= 10
 
 .PHONY: serve
-serve: ## serve the latest run-local model + winning backend with KServe (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
-	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --http_port $(SERVE_PORT) \
+serve: ## serve what the latest run-local gate decided (its winner, or the champion it kept) with KServe on 127.0.0.1 (V1/V2 REST on SERVE_PORT=8090, V2 gRPC on SERVE_GRPC_PORT=8091)
+	$(PYTHON) -m components.serving --summary $(OUTPUT_DIR)/summary.json --host 127.0.0.1 --http_port $(SERVE_PORT) \
 		--enable_grpc true --grpc_port $(SERVE_GRPC_PORT)
 
 .PHONY: predict
@@ -91,7 +94,9 @@ MLMD_PORT ?= 8089
 ENDPOINT_PORT ?= 8085
 CLUSTER_OUTPUT ?= runs/cluster
 RUN_TIMEOUT ?= 5400
-# More pipeline arguments for `make pipeline`, e.g. PIPELINE_ARGS='--arg backends=["eager","onnx"]'.
+# More pipeline arguments for `make pipeline`, as the shell reads them (JSON values need their own
+# quotes): PIPELINE_ARGS="--arg max_regression=0.5 --arg 'backends=[\"eager\",\"onnxruntime\"]'".
+# Backends are simpler as BACKENDS=eager,onnxruntime. `pipeline.py submit` checks every argument.
 PIPELINE_ARGS ?=
 HOST_ARCH := $(shell uname -m)
 PLATFORM ?= linux/$(if $(filter x86_64 amd64,$(HOST_ARCH)),amd64,arm64)
@@ -159,7 +164,7 @@ kserve: cluster ## install cert-manager and KServe 0.21 in Standard mode; wait f
 		$(KUBECTL) apply --server-side --force-conflicts -k manifests/kserve
 	$(KUBECTL) -n kserve wait --for=condition=Available deployment/kserve-controller-manager --timeout=10m
 
-pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT
+pipeline: cluster images load kfp kserve ## all of the above, then compile, upload, run (deploy_target=kserve), wait; summary in CLUSTER_OUTPUT (EPOCHS=, BACKENDS=a,b, PIPELINE_ARGS=)
 	mkdir -p $(CLUSTER_OUTPUT)
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/ml-pipeline $(KFP_API_PORT):8888 > $(CLUSTER_OUTPUT)/port-forward-api.log 2>&1 & api=$$!; \
 	$(KUBECTL) -n $(NAMESPACE) port-forward svc/minio-service $(S3_PORT):9000 > $(CLUSTER_OUTPUT)/port-forward-s3.log 2>&1 & s3=$$!; \
@@ -170,7 +175,8 @@ pipeline: cluster images load kfp kserve ## all of the above, then compile, uplo
 		--ui-host http://localhost:$(KFP_UI_PORT) --s3-endpoint 127.0.0.1:$(S3_PORT) \
 		--mlmd-endpoint 127.0.0.1:$(MLMD_PORT) --timeout $(RUN_TIMEOUT) \
 		--package $(CLUSTER_OUTPUT)/pipeline.yaml --summary-out $(CLUSTER_OUTPUT)/summary.json \
-		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) --arg deploy_target=kserve $(PIPELINE_ARGS)
+		$(if $(EPOCHS),--arg epochs=$(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) --arg deploy_target=kserve \
+		$(PIPELINE_ARGS)
 	@echo "serving now: InferenceService $(NAMESPACE)/$(INFERENCE_SERVICE), weights sha256 $$($(KUBECTL) -n $(NAMESPACE) \
 		get inferenceservice $(INFERENCE_SERVICE) -o jsonpath='{.metadata.annotations.gtsrb/weights-sha256}')"
 

@@ -25,17 +25,18 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import cluster, local_run
+from components.artifact import read_card
 from components.backends import BACKENDS
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.gate import PROMOTE, gate, identity, install_local_champion, summary_line
 from components.images import image
-from components.ingest import ingest
+from components.ingest import ingest, layout_problem
 from components.model import DEFAULT_ARCH
 from components.preprocess import preprocess
-from components.selection import RUN_COLUMNS, results_table, select
+from components.selection import RUN_COLUMNS, median_ms, results_table, select
 from components.serve import serve
-from components.train import TrainConfig, train
+from components.train import MAX_PLANNED_EPOCHS, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKENDS = list(BACKENDS)
@@ -69,11 +70,14 @@ def with_s3_secret(task):
 
 
 DEFAULT_CHAMPION_DIR = "runs/champion"    # run-local's champion (the cluster's is the live InferenceService)
+# run-local downloads GTSRB only into this folder (relative to the working directory, `make`'s: the
+# checkout); any other --data-dir must already hold it in torchvision's layout.
+DEFAULT_DATA_DIR = "data"
 
 
 @dsl.pipeline(name="gtsrb-backends", description="Train a GTSRB traffic-sign CNN, benchmark PyTorch "
               "CPU backends, select the fastest accurate one.")
-def gtsrb_pipeline(data_dir: str = "data", allow_download: bool = True, arch: str = DEFAULT_ARCH,
+def gtsrb_pipeline(data_dir: str = DEFAULT_DATA_DIR, allow_download: bool = True, arch: str = DEFAULT_ARCH,
                    epochs: int = DEFAULT_EPOCHS, seed: int = 0, backends: list = DEFAULT_BACKENDS,
                    accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
                    serving_batch: int = 1, deploy_target: str = "local", max_regression: float = 0.0,
@@ -139,18 +143,34 @@ KEY_FIGURES = {
     "ingest": lambda o, a: f"{_count(o['raw'], 'train_images')} train + {_count(o['raw'], 'test_images')} "
                            "test images verified",
     "preprocess": lambda o, a: f"{_count(o['data'], 'train_images', 'test_images')} images decoded to 32x32",
-    "train": lambda o, a: (f"best val accuracy {o['metrics'].metadata['best_val_accuracy']:.2f} %"
-                           if "best_val_accuracy" in o["metrics"].metadata else "no validation split, final train "
-                           f"accuracy {o['metrics'].metadata['final_train_accuracy']:.2f} % (augmented)"),
-    "evaluate": lambda o, a: (f"b1 median {o['metrics'].metadata['batch1_median_ms']:.3f} ms, accuracy "
-                              f"{o['metrics'].metadata['accuracy']:.2f} %"
-                              if o["result"].metadata.get("status") == "ok" else "skipped (unavailable here)"),
+    "train": lambda o, a: training_figure(read_card(o["model"].path)["training"]),
+    "evaluate": lambda o, a: evaluation_figure(json.loads(Path(o["result"].path).read_text())),
     "select": lambda o, a: f"winner {o['Output']}",
     "gate": lambda o, a: o["Output"],
     "serve": lambda o, a: "answers like the artifact (max probability gap "
                           f"{json.loads(Path(o['result'].path).read_text())['max_probability_gap']:.1e})",
 }
 FIXED_TASKS = ("ingest", "preprocess", "train", "select", "gate", "serve")   # + one evaluate per backend
+
+
+def training_figure(training: dict) -> str:
+    """The train task's key figure, from the model card: epochs trained (why fewer than planned), accuracy."""
+    n = training["epochs_run"]
+    epochs = f"{n} epoch{'s' * (n != 1)}"
+    if training["stopped_by_time_budget"]:
+        epochs += ", stopped by the time budget"
+    if training["val_accuracy"] is not None:
+        return f"{epochs}, best val accuracy {training['val_accuracy']:.2f} %"
+    return f"{epochs}, no validation split, final train accuracy {training['history'][-1]['train_accuracy']:.2f} % " \
+           "(augmented)"
+
+
+def evaluation_figure(result: dict) -> str:
+    """An evaluate task's key figure, from its result JSON: the same unrounded numbers the results
+    table formats (the task's Metrics are rounded to 4 decimals: 75.76499 % would show as 75.77)."""
+    if result["status"] != "ok":
+        return "skipped (the table below says why)"
+    return f"b1 median {median_ms(result, 1):.3f} ms, accuracy {result['accuracy']:.2f} %"
 
 
 def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, arch: str = DEFAULT_ARCH,
@@ -161,15 +181,20 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     full log in OUTPUT_DIR/pipeline.log (``verbose``: streamed too); returns (and writes)
     summary.json. A failed task raises RunLocalFailed with its last lines and the log's path.
     When the gate promotes the winner (and its smoke test passed), it becomes the champion in
-    ``champion_dir``."""
+    ``champion_dir``. Without ``allow_download`` (the CLI allows it only for the default data/), a
+    ``data_dir`` that does not hold GTSRB stops the run before anything starts, naming what it holds."""
     from kfp import local
 
-    from components.run_console import RunConsole, plain
+    from components.run_console import NAME_WIDTH, RunConsole, plain
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    if not allow_download and (problem := layout_problem(Path(data_dir).expanduser().resolve())):
+        raise SystemExit(f"run-local: {problem}")
     out = Path(output_dir).resolve()
+    if (out / local_run.SUMMARY_FILE).exists():         # the previous run's artifacts make way
+        shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     artifacts = out / local_run.ARTIFACTS_DIR
     artifacts.mkdir(parents=True, exist_ok=True)
     # Task subprocesses import `components` from this checkout (the images bake it in instead).
@@ -182,8 +207,10 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     # CPU/memory requests are for the cluster (TASK_CPU, ...); the local runner ignores them, as expected.
     warnings.filterwarnings("ignore", message=r"Task '\w+': settings \[.*\] have no effect in the current local runner",
                             category=UserWarning)
-    console = RunConsole(out / local_run.LOG_FILE, len(FIXED_TASKS) + len(backends), KEY_FIGURES, verbose)
-    length = f"{epochs} epochs" if epochs else "epochs from the recipe"
+    labels = [*FIXED_TASKS, *(f"evaluate {b}" for b in backends)]
+    console = RunConsole(out / local_run.LOG_FILE, len(labels), KEY_FIGURES, verbose,
+                         name_width=max(NAME_WIDTH, *map(len, labels)))
+    length = f"{epochs} epochs" if epochs else f"epochs from the recipe (at most {MAX_PLANNED_EPOCHS})"
     console.line(f"run-local: {arch}, {length}, {len(backends)} backends, data {data_dir}; "
                  f"full log {console.log_path}")
     champion = Path(champion_dir).expanduser().resolve()
@@ -201,14 +228,18 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
     wall = time.perf_counter() - start
     summary = json.loads(Path(run.output.path).read_text())
     folder = local_run.run_folder(run.output.path)
-    summary["run"] = {"artifacts": str(folder), "wall_seconds": round(wall, 1), "epochs": epochs, "arch": arch,
-                      "data_dir": str(data_dir), "log": str(console.log_path), "champion_dir": str(champion)}
+    trained = read_card(summary["model"]["path"])["training"]
+    summary["run"] = {"artifacts": str(folder), "wall_seconds": round(wall, 1), "epochs": trained["epochs_run"],
+                      "epochs_requested": epochs, "arch": arch, "data_dir": str(data_dir), "log": str(console.log_path),
+                      "champion_dir": str(champion)}
     promoted = summary["gate"]["decision"] == PROMOTE
     if promoted:
         summary["serving"] = json.loads(local_run.run_output(summary, "serve", "result").read_text())
         challenger = summary["gate"]["challenger"]
-        record = install_local_champion(champion, summary["model"]["path"], local_champion_record(challenger, folder))
+        record = install_local_champion(champion, summary["served"]["path"], local_champion_record(challenger, folder))
         summary["run"]["champion_record"] = str(record)
+    else:
+        console.skipped("serve", "the gate kept the champion: nothing new to serve")
     (out / local_run.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
     if promoted:
@@ -229,6 +260,34 @@ def local_champion_record(challenger: dict, run_folder: Path) -> dict:
 
 def print_table(summary: dict) -> None:
     print(f"\n{results_table(summary, RUN_COLUMNS)}\n\nwinner: {summary['winner']}  model: {summary['model']['path']}")
+
+
+# KFP's parameter types -> the JSON values `submit --arg` accepts for them (bool is not a number here).
+PARAMETER_TYPES = {"String": (str,), "Boolean": (bool,), "Integer": (int,), "Float": (int, float), "List": (list,)}
+DEPLOY_TARGETS = ("local", "kserve")
+
+
+def check_parameters(params: dict) -> None:
+    """ValueError (one line) for a parameter the pipeline does not have, a value of another type, an
+    unknown backend or deploy target: caught before anything is compiled or submitted."""
+    inputs = gtsrb_pipeline.component_spec.inputs
+    for name, value in params.items():
+        if name not in inputs:
+            raise ValueError(f"unknown pipeline parameter {name!r}; known: {', '.join(inputs)}")
+        kind = inputs[name].type
+        if not isinstance(value, PARAMETER_TYPES[kind]) or (isinstance(value, bool) and kind != "Boolean"):
+            hint = ""
+            if kind == "List":          # the shell (or make) ate the quotes of ["a","b"]
+                hint = f" (quote it for the shell: --arg '{name}=[\"a\",\"b\"]'" + \
+                       (", or --backends a,b; make pipeline BACKENDS=a,b)" if name == "backends" else ")")
+            raise ValueError(f"{name}={json.dumps(value)}: expected a JSON {kind.lower()}{hint}")
+    backends = params.get("backends", DEFAULT_BACKENDS)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown else
+                         "backends is empty")
+    if params.get("deploy_target", "local") not in DEPLOY_TARGETS:
+        raise ValueError(f"deploy_target={params['deploy_target']!r}: expected one of {', '.join(DEPLOY_TARGETS)}")
 
 
 def submit(args, params: dict) -> int:
@@ -300,11 +359,13 @@ def main(argv=None) -> int:
     c = sub.add_parser("compile", help="write the KFP IR YAML")
     c.add_argument("--output", default="pipeline.yaml")
     r = sub.add_parser("run-local", help="run on KFP's embedded local runner (no cluster)")
-    r.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
-                   help="torchvision GTSRB root (contains gtsrb/GTSRB/...); downloaded there if absent")
-    r.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
+    r.add_argument("--data-dir", default=os.environ.get("DATA_DIR", DEFAULT_DATA_DIR),
+                   help=f"torchvision GTSRB root (contains gtsrb/GTSRB/Training); only the default "
+                        f"{DEFAULT_DATA_DIR}/ is downloaded into when it does not hold it yet")
+    r.add_argument("--no-download", action="store_true", help=f"never download, not even into {DEFAULT_DATA_DIR}/")
     r.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                   help="0 (default): the recipe's length, ~300k images seen (15 epochs of gtsrb-dev, 9 of full GTSRB)")
+                   help="0 (default): the recipe's length, ~300k images seen (14 epochs of gtsrb-dev, 8 of full "
+                        f"GTSRB, at most {MAX_PLANNED_EPOCHS}: the sample's 1.7k images train {MAX_PLANNED_EPOCHS})")
     r.add_argument("--arch", default=DEFAULT_ARCH)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated backend names")
@@ -323,7 +384,9 @@ def main(argv=None) -> int:
                    help="KFP UI, for the printed run URL (`make ui` port-forwards it there)")
     s.add_argument("--experiment", default="gtsrb")
     s.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline argument, repeatable; VALUE is read as JSON when it parses (epochs=3)")
+                   help="pipeline argument, repeatable; VALUE is read as JSON when it parses (epochs=3, "
+                        "'backends=[\"eager\"]'); checked against the pipeline's parameters before submitting")
+    s.add_argument("--backends", help="comma-separated backend names (the same as --arg backends=[...])")
     s.add_argument("--timeout", type=int, default=5400, help="seconds to wait for the run to finish")
     s.add_argument("--package", default="pipeline.yaml", help="where to write the compiled IR")
     s.add_argument("--summary-out", help="copy the run's summary.json here from KFP's object store "
@@ -348,13 +411,20 @@ def main(argv=None) -> int:
                 params[key] = json.loads(value)
             except json.JSONDecodeError:
                 params[key] = value
+        if args.backends is not None:
+            if "backends" in params:
+                raise SystemExit("submit: give the backends once: --backends or --arg backends=..., not both")
+            params["backends"] = [b for b in args.backends.split(",") if b]
+        try:
+            check_parameters(params)
+        except ValueError as e:
+            raise SystemExit(f"submit: {e}") from None
         return submit(args, params)
-    out = Path(args.output_dir)
-    if (out / local_run.SUMMARY_FILE).exists():
-        shutil.rmtree(out / local_run.ARTIFACTS_DIR, ignore_errors=True)
     try:
+        default_data = Path(args.data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve()
         run_local(args.data_dir, args.epochs, [b for b in args.backends.split(",") if b], args.output_dir,
-                  arch=args.arch, seed=args.seed, allow_download=not args.no_download, verbose=args.verbose,
+                  arch=args.arch, seed=args.seed, allow_download=default_data and not args.no_download,
+                  verbose=args.verbose,
                   champion_dir=args.champion_dir, max_regression=args.max_regression,
                   force_deploy=args.force_deploy)
     except RunLocalFailed as e:

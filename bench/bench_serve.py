@@ -365,9 +365,15 @@ def main(argv=None) -> int:
     if not (model_dir and backend):
         if not args.summary.is_file():
             parser.error(f"{args.summary} not found: run `make local` first or pass --model-dir and --backend")
-        from components.local_run import serving_target
+        from components.artifact import ModelArtifactError
+        from components.local_run import NotServable, serving_choice
 
-        summary_dir, winner = serving_target(args.summary)
+        try:
+            choice = serving_choice(args.summary)        # what the run's gate decided to serve
+        except (NotServable, ModelArtifactError) as e:
+            parser.error(str(e))
+        print(f"bench-serve: {choice.describe()}", flush=True)
+        summary_dir, winner = choice.model_dir, choice.backend
         model_dir, backend = model_dir or summary_dir, backend or winner
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     body = orjson.dumps({"instances": [{"image": {"b64": base64.b64encode(args.image.read_bytes()).decode()}}]})

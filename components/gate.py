@@ -4,8 +4,8 @@ served now (the champion).
 - The champion's identity record (:data:`IDENTITY`): weights sha256, served artifact URI, test
   accuracy, test-split fingerprint (components.preprocess.split_fingerprint), run id, time. On a
   cluster it is the annotations the deploy step writes on the live InferenceService (read with a
-  single ``get``); with run-local it is ``<champion dir>/champion.json`` beside a copy of the model
-  artifact, which run-local replaces only on promote (:func:`install_local_champion`).
+  single ``get``); with run-local it is ``<champion dir>/champion.json`` beside a copy of the
+  champion's served artifact, which run-local replaces only on promote (:func:`install_local_champion`).
 - Both models predict the challenger's test split as they are served (:func:`served_predictions`:
   a served ONNX artifact through ONNX Runtime, the file its evaluation measured; torch weights on the
   fp32 reference backend), so accuracies are measured on the same images even when the champion was
@@ -33,8 +33,9 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 from components import rollout
 from components.artifact import ModelArtifactError
 from components.kfp_step import step
+from components.local_run import CHAMPION_RECORD, PROMOTE
 
-PROMOTE, KEEP = "promote", "keep"
+KEEP = "keep"                           # and PROMOTE (components/local_run.py: the predictor reads it)
 # Record field -> InferenceService annotation (deploy writes them, the gate reads them).
 IDENTITY = {
     "weights_sha256": "gtsrb/weights-sha256",
@@ -44,7 +45,7 @@ IDENTITY = {
     "run_id": "gtsrb/run-id",
     "deployed_at": "gtsrb/deployed-at",
 }
-RECORD_FILE = "champion.json"           # run-local: <champion dir>/champion.json names its model directory
+RECORD_FILE = CHAMPION_RECORD           # run-local: <champion dir>/champion.json names its model directory
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -1,7 +1,9 @@
 """Step 1 — ingest: GTSRB train + test splits, validated, packed as one artifact.
 
 Reads an existing directory in torchvision's layout (the ``root`` of
-``torchvision.datasets.GTSRB``) or downloads it with torchvision (which verifies md5s).
+``torchvision.datasets.GTSRB``) or, when allowed (run-local: only into the default ``data/``),
+downloads it there with torchvision (which verifies md5s). A folder that does not hold that layout
+and may not be downloaded into stops the step naming what was expected and what is there.
 Every image is fully decoded once to prove it is readable; any problem stops the step with
 the offending file's name and leaves no output behind. The artifact is one uncompressed tar in
 the same layout plus a JSON manifest (file, label, track), so it moves to and from object
@@ -113,6 +115,27 @@ def _check_all(root: Path, paths: list[str], workers: int) -> None:
     print(f"ingest: verified {len(full)} images in {time.perf_counter() - start:.1f}s", flush=True)
 
 
+LISTED = 8       # entries of a wrong data folder named in the error
+
+
+def layout_problem(root: Path) -> str | None:
+    """Why ``root`` is not a GTSRB root in torchvision's layout, or None when it has the training
+    folder (list_train / list_test check the rest). Reads only."""
+    expected = f"expected {root / TRAIN_DIR}/ and {root / TEST_CSV} (torchvision's GTSRB layout)"
+    if not root.is_dir():
+        return f"data folder {root} {'is not a folder' if root.exists() else 'does not exist'}; {expected}"
+    if (root / TRAIN_DIR).is_dir():
+        return None
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    found = ", ".join(entries[:LISTED]) + (f" (+{len(entries) - LISTED} more)" if len(entries) > LISTED else "")
+    problem = f"data folder {root} does not hold GTSRB: {expected}; found {found or 'nothing (empty folder)'}"
+    for depth, parent in enumerate(root.parents[:len(TRAIN_DIR.parts)], 1):     # a folder inside a GTSRB root
+        if (parent / TRAIN_DIR).is_dir():
+            return f"{problem}; that is {depth} level{'s' if depth > 1 else ''} too deep: use {parent}"
+    inside = [root / e for e in entries if e.endswith("/") and (root / e / TRAIN_DIR).is_dir()]
+    return f"{problem}; GTSRB is one level down: use {inside[0]}" if inside else problem
+
+
 def download(root: Path) -> None:
     """torchvision's GTSRB download (md5-verified) into ``root``."""
     from torchvision.datasets import GTSRB
@@ -134,7 +157,9 @@ def ingest_dataset(data_dir: str, output_dir: str, allow_download: bool = False,
     """Validate GTSRB at ``data_dir`` (downloading it first if allowed and absent) and pack it
     into ``output_dir`` (created only on success). Returns the manifest's summary."""
     root = Path(data_dir).expanduser().resolve()
-    if not (root / TRAIN_DIR).is_dir() and allow_download:
+    if not (root / TRAIN_DIR).is_dir():
+        if not allow_download:
+            raise IngestError(layout_problem(root))
         download(root)
     train, test = list_train(root), list_test(root)
     images = [p for p, *_ in train] + [p for p, _ in test]

@@ -61,9 +61,10 @@ class _Capture:
 
 class RunConsole:
     def __init__(self, log_path: str | Path, total_tasks: int, figures: dict[str, Callable] | None = None,
-                 verbose: bool = False, out=None):
+                 verbose: bool = False, out=None, name_width: int = NAME_WIDTH):
         self.log_path, self.total, self.figures, self.verbose = Path(log_path), total_tasks, figures or {}, verbose
         self.out = out or sys.stdout
+        self.name_width = name_width            # the longest task label's length, or more
         self.started = 0
         self.failed: dict | None = None          # {task, seconds, tail} of the first failed task
 
@@ -109,8 +110,16 @@ class RunConsole:
 
         return run_task
 
+    def skipped(self, label: str, why: str) -> None:
+        """The line of a task the run did not reach (a branch not taken), so the count ends at the total."""
+        self.started += 1
+        self.line(f"{self._prefix(label)} {'skipped':>8}  {why}")
+
+    def _prefix(self, label: str) -> str:
+        return f"[{self.started:>{len(str(self.total))}}/{self.total}] {label:<{self.name_width}}"
+
     def _start(self, label: str) -> None:
-        text = f"[{self.started:>{len(str(self.total))}}/{self.total}] {label:<{NAME_WIDTH}}"
+        text = self._prefix(label)
         if self.verbose:                      # the task's log follows: a line of its own
             self.line(f"{text} started")
         else:                                 # completed in place when the task ends

@@ -40,14 +40,15 @@ def median_ms(result: dict, batch: int) -> float:
 
 
 def guard_verdict(result: dict, accuracy_tolerance: float, min_agreement: float) -> str | None:
-    """Why ``result`` fails the accuracy guard, or None if it passes."""
+    """Why ``result`` fails the accuracy guard (every reason), or None if it passes."""
     gap = result["accuracy"] - result["reference_accuracy"]
+    reasons = []
     if abs(gap) > accuracy_tolerance:
-        return (f"rejected: accuracy {result['accuracy']:.2f} % is {gap:+.2f} points from the reference "
-                f"{result['reference_accuracy']:.2f} % (tolerance ±{accuracy_tolerance})")
+        reasons.append(f"accuracy {result['accuracy']:.2f} % is {gap:+.2f} points from the reference "
+                       f"{result['reference_accuracy']:.2f} % (tolerance ±{accuracy_tolerance})")
     if result["agreement"] < min_agreement:
-        return f"rejected: top-1 agreement with the reference {result['agreement']:.2f} % < {min_agreement} %"
-    return None
+        reasons.append(f"top-1 agreement with the reference {result['agreement']:.2f} % < {min_agreement} %")
+    return "rejected: " + "; ".join(reasons) if reasons else None
 
 
 def versus(result: dict, other: dict, batch: int) -> tuple[float, float, float]:

@@ -60,15 +60,41 @@ def main(argv=None) -> int:
     c.add_argument("--summary", default="runs/latest/summary.json")
     args = parser.parse_args(argv)
     if args.command == "predict":
-        body = {"instances": image_instances([args.image.read_bytes()]), "parameters": {"top_k": args.top_k}}
-        status, answer = post_json(f"{args.url}/v1/models/{args.model_name}:predict", body)
-        print_answer(args.image, status, answer)
-        return 0 if status == 200 else 1
-    from components.local_run import serving_target
+        return predict(args.image, args.url, args.model_name, args.top_k)
+    from components.artifact import ModelArtifactError
+    from components.local_run import NotServable, serving_target
     from components.serving.check import serve_and_check
 
-    print(json.dumps(serve_and_check(*serving_target(args.summary)), indent=2))
+    try:
+        target = serving_target(args.summary)
+    except (FileNotFoundError, NotServable, ModelArtifactError) as e:
+        print(f"check: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(serve_and_check(*target), indent=2))
     return 0
+
+
+def predict(image: Path, url: str, model_name: str, top_k: int) -> int:
+    """Send ``image`` to the predictor at ``url`` and print its answer; a problem is one line on stderr."""
+    try:
+        data = image.read_bytes()
+    except OSError as e:
+        print(f"predict: cannot read {image}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    body = {"instances": image_instances([data]), "parameters": {"top_k": top_k}}
+    try:
+        status, answer = post_json(f"{url}/v1/models/{model_name}:predict", body)
+    except OSError as e:                  # refused, unreachable, timed out (urllib's URLError is one)
+        reason = getattr(e, "reason", e)
+        print(f"predict: no predictor answers at {url} ({getattr(reason, 'strerror', None) or reason}): "
+              "start it with `make serve`, or check SERVE_PORT", file=sys.stderr)
+        return 1
+    except ValueError:                    # an answer that is not JSON: something else listens there
+        print(f"predict: the answer from {url} is not JSON: is another server listening on SERVE_PORT?",
+              file=sys.stderr)
+        return 1
+    print_answer(image, status, answer)
+    return 0 if status == 200 else 1
 
 
 if __name__ == "__main__":

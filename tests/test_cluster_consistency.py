@@ -452,6 +452,13 @@ def test_every_cluster_target_has_help():
     assert {"cluster", "images", "load", "kfp", "kserve", "pipeline", "ui", "endpoint", "clean"} <= helped
 
 
+def test_make_help_shows_no_unexpanded_variable_and_the_local_settings():
+    text = make("help")
+    assert "$(" not in text, "help is printed as written: name the variable and its default instead"
+    local = next(line for line in text.splitlines() if line.startswith("  make local "))
+    assert all(f"{v}=" in local for v in ("DATA_DIR", "OUTPUT_DIR", "CHAMPION_DIR", "MAX_REGRESSION", "FORCE_DEPLOY"))
+
+
 # --------------------------------------------------------------------------- workflow policies
 PINNED_ACTION = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{40}$")
 MAIN_PUSH = "github.event_name == 'push' && github.ref == 'refs/heads/main'"

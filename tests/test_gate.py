@@ -296,6 +296,19 @@ def test_local_champion_install_read_and_replace(trained_model, weak_model, tmp_
         "the replaced champion's files are gone, nothing partial is left"
 
 
+def test_a_local_champion_is_a_served_artifact_measured_as_served(served_onnx, trained_model, weak_model,
+                                                                   prepared, tmp_path):
+    """run-local installs select's served artifact (an int8 winner: its .onnx file, no weights): the
+    next gate measures the champion through that file, as `make serve` would serve it."""
+    int8 = served_onnx["onnxruntime-int8"]
+    gate.install_local_champion(tmp_path / "champion", int8, local_record(int8))
+    champion = gate.local_champion(tmp_path / "champion")
+    assert sorted(p.name for p in champion.model_dir.iterdir()) == ["model.onnx", "model_card.json"]
+    test = load_split(prepared, "test")
+    result = gate.run_gate(str(weak_model), "s3://w", str(prepared), lambda: champion)
+    assert result["champion"]["correct"] == int((gate.served_predictions(int8, test) == test["labels"]).sum())
+
+
 def test_a_failed_install_leaves_the_previous_champion(trained_model, tampered_model, tmp_path):
     directory = tmp_path / "champion"
     gate.install_local_champion(directory, trained_model, local_record(trained_model))

@@ -46,7 +46,7 @@ def test_truncated_image_fails_with_its_name_and_leaves_no_output(gtsrb_copy, tm
     (lambda r: (r / "gtsrb/GTSRB/Final_Test/Images/00004.ppm").write_bytes(b""), "00004.ppm: empty file"),
     (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Final_Test"), "00000.ppm: listed in .*GT-final_test.csv:2 but missing"),
     (lambda r: (r / "gtsrb/GT-final_test.csv").unlink(), "test split missing"),
-    (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Training"), "train split missing"),
+    (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Training"), "does not hold GTSRB: expected .*/gtsrb/GTSRB/Training/"),
     (lambda r: (r / "gtsrb/GTSRB/Training/00042").rename(r / "gtsrb/GTSRB/Training/00043"),
      "00043: label 43 is outside 0..42"),
     (lambda r: shutil.rmtree(r / "gtsrb/GTSRB/Training/00005"), r"no images for class\(es\) \[5\]"),
@@ -62,9 +62,39 @@ def test_bad_input_is_named(gtsrb_copy, tmp_path, damage, message):
     assert not (tmp_path / "raw").exists()
 
 
-def test_missing_dataset_without_download_says_how_to_point_at_a_copy(tmp_path):
-    with pytest.raises(IngestError, match="train split missing"):
+def test_missing_dataset_without_download_names_what_was_expected(tmp_path):
+    with pytest.raises(IngestError, match=f"data folder {tmp_path / 'nowhere'} does not exist; expected "
+                                          f"{tmp_path / 'nowhere'}/gtsrb/GTSRB/Training/"):
         ingest_dataset(str(tmp_path / "nowhere"), str(tmp_path / "raw"))
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_folder_one_level_too_deep_is_named_and_left_untouched(synthetic_root, tmp_path):
+    """DATA_DIR=.../gtsrb (one level too deep): what was expected, what is there, the folder to use;
+    nothing is created in it and nothing is downloaded."""
+    deep = synthetic_root / "gtsrb"
+    before = sorted(deep.rglob("*"))
+    with pytest.raises(IngestError) as err:
+        ingest_dataset(str(deep), str(tmp_path / "raw"))
+    assert str(err.value) == (f"data folder {deep} does not hold GTSRB: expected {deep}/gtsrb/GTSRB/Training/ and "
+                              f"{deep}/gtsrb/GT-final_test.csv (torchvision's GTSRB layout); found GT-final_test.csv, "
+                              f"GTSRB/; that is 1 level too deep: use {synthetic_root}")
+    assert sorted(deep.rglob("*")) == before and not (tmp_path / "raw").exists()
+
+
+def test_a_folder_above_gtsrb_and_an_unrelated_one_are_named(synthetic_root, tmp_path):
+    from components.ingest import layout_problem
+
+    above = tmp_path / "above"
+    above.mkdir()
+    (above / "copy").symlink_to(synthetic_root)
+    assert layout_problem(above).endswith(f"found copy/; GTSRB is one level down: use {above / 'copy'}")
+    for name in "abcdefghij":
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    assert layout_problem(tmp_path / "photos").endswith("found a/, b/, c/, d/, e/, f/, g/, h/ (+2 more)")
+    (tmp_path / "empty").mkdir()
+    assert layout_problem(tmp_path / "empty").endswith("found nothing (empty folder)")
+    assert layout_problem(synthetic_root) is None
 
 
 def test_failed_download_explains_the_local_copy_option(tmp_path, monkeypatch):

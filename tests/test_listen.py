@@ -1,6 +1,10 @@
 """Each KServe server worker listens on its own SO_REUSEPORT socket, so connections spread."""
 
 import socket
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from components.serving.listen import ReusePortMultiProcess, install, reuse_port_socket
 
@@ -50,3 +54,38 @@ def test_install_makes_kserve_use_it(monkeypatch):
     monkeypatch.setattr(model_server, "RESTServerMultiProcess", model_server.RESTServerMultiProcess)
     install()
     assert model_server.RESTServerMultiProcess is ReusePortMultiProcess
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a TCP socket listens on at ``port`` (Linux: /proc/net/tcp and tcp6; an IPv6
+    socket on an IPv4-mapped address, as gRPC binds 127.0.0.1, is that IPv4 address)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:            # 0A: LISTEN
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                text = socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+                found.add(text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host, rest, grpc", [("127.0.0.1", {"127.0.0.1"}, {"127.0.0.1"}),
+                                              (None, {"0.0.0.0"}, {"::"})])
+def test_a_started_server_listens_on_its_host_only(trained_model, host, rest, grpc):
+    """`make serve` (--host 127.0.0.1): REST (both workers' sockets) and gRPC on loopback only; no
+    --host (the InferenceService's pod): every interface, as KServe binds them."""
+    from components.serving.client import local_predictor
+
+    with local_predictor(str(trained_model), "eager", workers=2, grpc=True, host=host) as served:
+        rest_port, grpc_port = int(served.url.rsplit(":", 1)[1]), int(served.grpc_target.rsplit(":", 1)[1])
+        assert listening_addresses(rest_port) == rest
+        assert listening_addresses(grpc_port) == grpc
+
+
+def test_make_serve_listens_on_loopback():
+    out = subprocess.run(["make", "-n", "serve"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "-m components.serving --summary runs/latest/summary.json --host 127.0.0.1 " in out

@@ -71,7 +71,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
                                            "evaluate onnxruntime", "select", "gate", "serve"], out
     figures = {m.group(2): m.group(4) for m in tasks}
     assert re.fullmatch(r"1,\d{3} train \+ \d+ test images verified", figures["ingest"])
-    assert re.fullmatch(r"best val accuracy \d+\.\d\d %", figures["train"])
+    assert re.fullmatch(r"1 epoch, best val accuracy \d+\.\d\d %", figures["train"])
     assert re.fullmatch(r"b1 median \d+\.\d{3} ms, accuracy \d+\.\d\d %", figures["evaluate onednn"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert figures["select"] == f"winner {written['winner']}" and f"winner: {written['winner']}" in out
@@ -79,6 +79,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     log = (tmp_path / "pipeline.log").read_text()
     assert "Executing task 'train'" in log and "train: epoch 1/1" in log and "\x1b[" not in log
     assert written["run"]["log"] == str(tmp_path / "pipeline.log")
+    assert written["run"]["epochs"] == written["run"]["epochs_requested"] == 1
 
     assert set(written["backends"]) == {"eager", "onednn", "onnxruntime"}
     for name, result in written["backends"].items():
@@ -133,6 +134,107 @@ def test_run_local_stops_at_a_corrupt_image_and_leaves_no_model(synthetic_root, 
     assert not (tmp_path / "champion").exists()
 
 
+def test_run_local_downloads_only_into_the_default_data_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_local", lambda *args, **kw: calls.append(kw["allow_download"]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    for argv in ([], ["--data-dir", "data"], ["--data-dir", str(tmp_path / "data")], ["--data-dir", "elsewhere"],
+                 ["--no-download"]):
+        assert pipeline.main(["run-local", *argv]) == 0
+    assert calls == [True, True, True, False, False]
+
+
+def test_run_local_with_a_wrong_data_dir_stops_before_anything_starts(synthetic_root, tmp_path):
+    deep = synthetic_root / "gtsrb"
+    before = sorted(deep.rglob("*"))
+    with pytest.raises(SystemExit, match=f"^run-local: data folder {deep} does not hold GTSRB: .*; found "
+                                         f"GT-final_test.csv, GTSRB/; that is 1 level too deep: use {synthetic_root}$"):
+        pipeline.main(["run-local", "--data-dir", str(deep), "--output-dir", str(tmp_path / "out")])
+    assert sorted(deep.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
+def test_the_train_line_says_how_many_epochs_ran_and_why():
+    history = [{"train_accuracy": 61.234}]
+    card = {"epochs_run": 30, "stopped_by_time_budget": False, "val_accuracy": None, "history": history}
+    assert pipeline.training_figure(card) == "30 epochs, no validation split, final train accuracy 61.23 % (augmented)"
+    card.update(epochs_run=1, stopped_by_time_budget=True, val_accuracy=97.5)
+    assert pipeline.training_figure(card) == "1 epoch, stopped by the time budget, best val accuracy 97.50 %"
+
+
+def test_a_progress_line_and_the_results_table_show_the_same_accuracy():
+    from components.selection import results_table
+
+    accuracy = 100 * 619 / 817                  # 75.76499...: rounded to 4 decimals first, it showed 75.77
+    result = {"backend": "eager", "status": "ok", "accuracy": accuracy, "agreement": 100.0,
+              "latency": {"batch1": {"median_ms": 0.1234}, "batch64": {"median_ms": 2.5}}, "verdict": "winner"}
+    assert pipeline.evaluation_figure(result) == "b1 median 0.123 ms, accuracy 75.76 %"
+    row = results_table({"backends": {"eager": result}}).splitlines()[1].split()
+    assert row[:3] == ["eager", "75.76", "100.00"]
+    assert pipeline.evaluation_figure({"status": "skipped", "reason": "needs AVX512-BF16"}) == \
+        "skipped (the table below says why)"
+
+
+def submitted_parameters(monkeypatch, *make_args) -> dict:
+    """The parameters `make pipeline ...` hands to pipeline.py submit, through make and bash as run."""
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["make", "--no-print-directory", "-n", "pipeline", *make_args], cwd=pipeline.ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    joined = out.replace("\\\n", " ")                             # the recipe's continued lines as one
+    command = joined[joined.index("pipeline.py submit"):].split("\n", 1)[0]
+    called = {}
+    monkeypatch.setattr(pipeline, "submit", lambda args, params: called.update(params) or 0)
+    assert pipeline.main(shlex.split(command)[1:]) == 0
+    return called
+
+
+def test_make_pipeline_passes_backends_and_quoted_json_to_submit(monkeypatch):
+    both = ["eager", "onnxruntime"]
+    assert submitted_parameters(monkeypatch, "BACKENDS=eager,onnxruntime")["backends"] == both
+    quoted = submitted_parameters(monkeypatch, "PIPELINE_ARGS=--arg max_regression=0.5 "
+                                               "--arg 'backends=[\"eager\",\"onnxruntime\"]'")
+    assert quoted == {"backends": both, "max_regression": 0.5, "deploy_target": "kserve"}
+    with pytest.raises(SystemExit, match=r'^submit: backends="\[eager,onnxruntime\]": expected a JSON list'):
+        submitted_parameters(monkeypatch, 'PIPELINE_ARGS=--arg backends=["eager","onnxruntime"]')   # quotes lost
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--arg", "backends=[\"eager\",\"onnx\"]"], r"unknown backend\(s\) \['onnx'\]; known: eager, "),
+    (["--backends", "eager,tpu"], r"unknown backend\(s\) \['tpu'\]"),
+    (["--backends", "eager", "--arg", "backends=[\"eager\"]"], "give the backends once"),
+    (["--arg", "epoch=3"], "unknown pipeline parameter 'epoch'; known: data_dir, "),
+    (["--arg", "epochs=3x"], 'epochs="3x": expected a JSON integer$'),
+    (["--arg", "force_deploy=1"], "force_deploy=1: expected a JSON boolean"),
+    (["--arg", "max_regression=true"], "max_regression=true: expected a JSON float"),
+    (["--arg", "deploy_target=kserv"], "deploy_target='kserv': expected one of local, kserve"),
+    (["--arg", "backends=[]"], "backends is empty"),
+])
+def test_submit_checks_its_parameters_before_anything_else(arguments, message, monkeypatch):
+    monkeypatch.setattr(pipeline, "submit", lambda args, params: pytest.fail("submitted"))
+    with pytest.raises(SystemExit, match=f"^submit: {message}"):
+        pipeline.main(["submit", *arguments])
+
+
+@pytest.mark.parametrize("value, forced", [("1", True), ("true", True), ("yes", True), ("0", False),
+                                           ("false", False), ("no", False), ("", False)])
+def test_make_local_forces_deploy_only_when_told_yes(value, forced):
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "local", f"FORCE_DEPLOY={value}"], cwd=pipeline.ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert ("--force-deploy" in out) is forced and "pipeline.py run-local" in out
+
+
+def test_make_local_refuses_a_force_deploy_value_it_does_not_know():
+    import subprocess
+
+    done = subprocess.run(["make", "-n", "local", "FORCE_DEPLOY=ture"], cwd=pipeline.ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "FORCE_DEPLOY=ture: use 1, true or yes to force" in done.stderr
+
+
 def test_run_local_rejects_unknown_backends(tmp_path):
     with pytest.raises(SystemExit, match="unknown backend"):
         pipeline.run_local(str(tmp_path), epochs=1, backends=["eager", "tpu"], output_dir=str(tmp_path))
@@ -170,6 +272,7 @@ def test_run_local_gate_promotes_keeps_and_forces_on_the_sample(sample_dir, tmp_
         first["gate"]["challenger"]["accuracy"])
     assert gate["challenger"]["accuracy"] < gate["champion"]["accuracy"]
     assert f"gate: keep — {gate['reason']}" in printed and "(unchanged)" in printed
+    assert re.search(r"^\[7/7\] serve +skipped  the gate kept the champion", printed, re.MULTILINE)
 
     code, third, printed = run(1, "--force-deploy")
     assert code == 0 and third["gate"]["decision"] == "promote"

@@ -71,3 +71,15 @@ def test_a_figure_that_cannot_be_read_does_not_fail_the_run(tmp_path, figure):
     console = RunConsole(tmp_path / "pipeline.log", 1, {"select": figure}, out=out)
     run_tasks(console, ("select", fake_task(OK, []), {}))
     assert "reading its outputs" in out.getvalue()
+
+
+def test_long_labels_keep_the_columns_and_a_skipped_task_ends_the_count(tmp_path):
+    out = io.StringIO()
+    label = "evaluate onnxruntime-int8"
+    console = RunConsole(tmp_path / "pipeline.log", 2, out=out, name_width=len(label))
+    run_tasks(console, ("evaluate", fake_task(OK, []), {"backend": "onnxruntime-int8"}))
+    console.skipped("serve", "the gate kept the champion")
+    ran, skipped = out.getvalue().splitlines()
+    assert ran.startswith(f"[1/2] {label} ") and skipped.startswith("[2/2] serve" + " " * (len(label) - 5) + " ")
+    assert ran.index(" s  ") + 2 == skipped.index("skipped") + len("skipped"), "the durations' column"
+    assert skipped.endswith("skipped  the gate kept the champion")

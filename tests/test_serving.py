@@ -615,20 +615,21 @@ def test_quiet_logging_drops_only_the_per_request_lines():
 @pytest.mark.parametrize("winner", ["onnxruntime-int8", BACKEND])
 def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, served_onnx, tmp_path, winner):
     """`make serve` / `make bench-serve` read summary.json and serve the select step's served
-    artifact, whichever backend won (an int8 winner: the quantized file its evaluation measured)."""
+    artifact when the gate promoted it, whichever backend won (an int8 winner: the quantized file
+    its evaluation measured). What a kept champion serves: tests/test_local_run.py."""
     from components.local_run import serving_target
+    from components.served import export_served
 
-    served_dir = str(served_onnx.get(winner, trained_model))
+    served_dir = served_onnx.get(winner, tmp_path / "served")
+    if winner not in served_onnx:
+        export_served(trained_model, winner, served_dir)
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)},
-                                   "served": {"path": served_dir, "backend": winner},
+                                   "served": {"path": str(served_dir), "backend": winner},
+                                   "gate": {"decision": "promote", "reason": "no champion"},
                                    "run": {"artifacts": str(tmp_path / "artifacts" / "run")}}))
-    assert serving_target(summary) == (served_dir, winner)
-    older = tmp_path / "older.json"
-    older.write_text(json.dumps({"winner": winner, "model": {"path": str(trained_model)}}))
-    with pytest.raises(FileNotFoundError, match="names no served artifact"):
-        serving_target(older)
-    served = GTSRBModel("gtsrb", served_dir, winner, max_batch=1)
+    assert serving_target(summary) == (str(served_dir), winner)
+    served = GTSRBModel("gtsrb", str(served_dir), winner, max_batch=1)
     answer = served.predict(served.preprocess(v1(image_instance(encode(sign_image(14, random.Random(1)), "PNG")))))
     assert 0 <= answer["predictions"][0]["class_id"] < len(CLASS_NAMES)
     with pytest.raises(FileNotFoundError, match="run `make local` first"):

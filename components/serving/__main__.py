@@ -2,8 +2,8 @@
 
     python -m components.serving --model_dir DIR --backend NAME [--model_name gtsrb]
         [--http_port 8080] [--workers N] [--max_batch 64] [--max_body_bytes 8388608]
-        [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081]
-    python -m components.serving --summary runs/latest/summary.json ...   (a run-local's served winner)
+        [--max_pixels 16777216] [--request_logs] [--enable_grpc true --grpc_port 8081] [--host 127.0.0.1]
+    python -m components.serving --summary runs/latest/summary.json ...   (what a run-local's gate decided)
 
 Requests and answers: components/serving/protocol.py (V1 and V2 REST, V2 gRPC); any bad request is
 answered 4xx (gRPC: INVALID_ARGUMENT) with what was wrong; docs/serving-protocols.md says which
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=env("GTSRB_BACKEND"),
                         help="inference backend: the one the served artifact was exported for "
                              "(components/backends.py lists them; env GTSRB_BACKEND)")
-    parser.add_argument("--summary", help="serve the model and winning backend of this run-local summary.json")
+    parser.add_argument("--summary", help="serve what the gate of this run-local summary.json decided: the run's "
+                                          "winner if it promoted it, else the champion it kept")
     parser.add_argument("--expected_sha256", default=env("GTSRB_WEIGHTS_SHA256"),
                         help="refuse an artifact whose weights have another sha256 (env GTSRB_WEIGHTS_SHA256)")
     parser.add_argument("--max_batch", type=int, default=int(env("GTSRB_MAX_BATCH", DEFAULT_MAX_BATCH)),
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=int(env("GTSRB_MAX_PIXELS", protocol.MAX_REQUEST_PIXELS)),
                         help="most decoded image pixels per request, all its images together; more is 413 "
                              "(env GTSRB_MAX_PIXELS)")
+    parser.add_argument("--host", default=env("GTSRB_HOST"),
+                        help="address the REST and gRPC servers listen on (env GTSRB_HOST); default: every "
+                             "interface, as KServe does (REST 0.0.0.0, gRPC [::]), what the InferenceService's "
+                             "pod needs; `make serve` passes 127.0.0.1")
     parser.add_argument("--request_logs", action="store_true",
                         help="log every request (uvicorn access log + KServe timing lines); off by default")
     # workers 0 = one per CPU this container may use; gRPC (V2) only with --enable_grpc true (it runs
@@ -60,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.summary:
-        from components.local_run import serving_target
+        from components.artifact import ModelArtifactError
+        from components.local_run import NotServable, serving_choice
 
-        args.model_dir, args.backend = serving_target(args.summary)
+        try:
+            choice = serving_choice(args.summary)
+        except (FileNotFoundError, NotServable, ModelArtifactError) as e:
+            print(f"predictor: {e}", file=sys.stderr)
+            return 1
+        print(f"predictor: {choice.describe()}", file=sys.stderr, flush=True)
+        args.model_dir, args.backend = choice.model_dir, choice.backend
     if not args.backend:
         print("predictor: --backend (or GTSRB_BACKEND) is required", file=sys.stderr)
         return 2
@@ -83,7 +95,7 @@ def main(argv=None) -> int:
         print(f"predictor: refusing to serve {args.model_dir} with backend {args.backend!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    server.start(model, settings, workers, args.http_port, args.grpc_port, args.enable_grpc)
+    server.start(model, settings, workers, args.http_port, args.grpc_port, args.enable_grpc, args.host)
     return 0
 
 

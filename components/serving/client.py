@@ -25,6 +25,7 @@ READY_POLL_SECONDS = 0.5
 READY_PROBE_SECONDS = 5
 STOP_SECONDS = 30              # after SIGTERM, before SIGKILL
 LOG_TAIL_CHARS = 3000          # of a predictor's log, quoted when it fails to start
+LOCAL_HOST = "127.0.0.1"       # a local predictor listens on loopback only (REST and gRPC)
 
 
 class SmokeTestFailed(RuntimeError):
@@ -58,13 +59,16 @@ def image_instances(images: list[bytes]) -> list[dict]:
 # --------------------------------------------------------------------------- a local predictor
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOCAL_HOST, 0))
         return s.getsockname()[1]
 
 
-def predictor_command(model_dir: str, backend: str, port: int, workers: int = 0) -> list[str]:
+def predictor_command(model_dir: str, backend: str, port: int, workers: int = 0,
+                      host: str | None = LOCAL_HOST) -> list[str]:
+    """The predictor's command line; ``host`` None: it listens on every interface (the pod's default)."""
     return [sys.executable, "-m", "components.serving", f"--model_dir={model_dir}", f"--backend={backend}",
-            f"--model_name={MODEL_NAME}", f"--http_port={port}", f"--workers={workers}"]
+            f"--model_name={MODEL_NAME}", f"--http_port={port}", f"--workers={workers}",
+            *([f"--host={host}"] if host else [])]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -95,12 +99,13 @@ def is_listening(host: str, port: int) -> bool:
 
 @contextmanager
 def local_predictor(model_dir: str, backend: str, workers: int = 0, extra_args: tuple = (),
-                    startup_seconds: float = STARTUP_SECONDS, grpc: bool = False):
+                    startup_seconds: float = STARTUP_SECONDS, grpc: bool = False, host: str | None = LOCAL_HOST):
     """Run the predictor (KServe ModelServer) on a free port (and its gRPC server on another, if
-    ``grpc``), wait until the model is ready, yield, and always stop it. Its log goes to a
-    temporary file (quoted when it fails to start)."""
+    ``grpc``), listening on ``host`` (None: every interface; reached on 127.0.0.1 either way), wait
+    until the model is ready, yield, and always stop it. Its log goes to a temporary file (quoted
+    when it fails to start)."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{LOCAL_HOST}:{port}"
     grpc_port = free_port() if grpc else None
     if grpc:
         extra_args = (*extra_args, "--enable_grpc=true", f"--grpc_port={grpc_port}")
@@ -108,16 +113,16 @@ def local_predictor(model_dir: str, backend: str, workers: int = 0, extra_args: 
         log_path = Path(tmp) / "predictor.log"
         start = time.monotonic()
         with open(log_path, "wb") as log:
-            process = subprocess.Popen([*predictor_command(model_dir, backend, port, workers), *extra_args],
+            process = subprocess.Popen([*predictor_command(model_dir, backend, port, workers, host), *extra_args],
                                        stdout=log, stderr=subprocess.STDOUT)
         try:
-            while not (is_ready(url, MODEL_NAME) and (not grpc or is_listening("127.0.0.1", grpc_port))):
+            while not (is_ready(url, MODEL_NAME) and (not grpc or is_listening(LOCAL_HOST, grpc_port))):
                 if process.poll() is not None or time.monotonic() - start > startup_seconds:
                     state = f"exited with {process.returncode}" if process.returncode is not None else "is not ready"
                     raise SmokeTestFailed(f"predictor {state} after {time.monotonic() - start:.0f}s; log tail:\n"
                                           f"{log_path.read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
                 time.sleep(READY_POLL_SECONDS)
             yield LocalPredictor(url, process, log_path, time.monotonic() - start,
-                                 f"127.0.0.1:{grpc_port}" if grpc else None)
+                                 f"{LOCAL_HOST}:{grpc_port}" if grpc else None)
         finally:
             stop(process)

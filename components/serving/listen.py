@@ -11,16 +11,27 @@ addresses (what gunicorn's ``--reuse-port`` and nginx's ``listen ... reuseport``
 uvicorn PR #2472 proposes). The parent keeps one more socket of the group, bound but not
 listening until KServe hands it to a worker it restarts (after which it stays in the group: a
 connection that reaches it while no worker holds it waits for the next restart).
+
+KServe 0.21 also hard-codes the addresses it listens on: REST 0.0.0.0, gRPC [::] (every
+interface, what a pod needs). :func:`install` with a ``host`` binds both to that address instead
+(`make serve`, the local predictor: 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import socket
+from concurrent import futures
 
+from grpc import aio
 from kserve.logging import logger
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.multiprocess import server as kserve_multiprocess
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
+from kserve.protocol.rest.server import RESTServer
 
 FORKSERVER = multiprocessing.get_context("forkserver")
 # Imported once by the forkserver, before any worker is forked from it: the serving stack
@@ -67,6 +78,43 @@ class ReusePortMultiProcess(RESTServerMultiProcess):
             logger.info("Started child process [%s] on its own SO_REUSEPORT socket", process.pid)
 
 
+class BoundRESTServer(RESTServer):
+    """KServe's REST server (one process, or each worker's) on :attr:`host` instead of 0.0.0.0."""
+
+    host: str | None = None         # None: KServe's 0.0.0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.host:
+            self.config.host = self.host     # read when uvicorn (or ReusePortMultiProcess) binds
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class BoundGRPCServer(GRPCServer):
+    """KServe's gRPC server on :attr:`host` instead of [::]; the rest is KServe 0.21's ``start``."""
+
+    host: str | None = None         # None: KServe's [::]
+
+    async def start(self, max_workers):
+        if not self.host:
+            return await super().start(max_workers)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+        address = grpc_address(self.host, self._port)
+        self._server.add_insecure_port(address)
+        logger.info("Starting gRPC server with %s workers on %s", max_workers, address)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
 def start_forkserver() -> None:
     """Start the forkserver now, so that it imports :data:`PRELOAD` while this process loads the
     model (otherwise it starts with the first worker). Call it after every environment variable
@@ -77,11 +125,15 @@ def start_forkserver() -> None:
     forkserver.ensure_running()
 
 
-def install() -> None:
+def install(host: str | None = None) -> None:
     """Make ``kserve.ModelServer(workers > 1)`` in this process use :class:`ReusePortMultiProcess`,
-    and start (and restart) its workers as :class:`ForkServerProcess`."""
+    and start (and restart) its workers as :class:`ForkServerProcess`; its REST and gRPC servers
+    listen on ``host`` (None: every interface, KServe's 0.0.0.0 and [::])."""
     from kserve import model_server
 
     FORKSERVER.set_forkserver_preload(PRELOAD)
     model_server.RESTServerMultiProcess = ReusePortMultiProcess
     kserve_multiprocess.RESTServerProcess = ForkServerProcess
+    BoundRESTServer.host = BoundGRPCServer.host = host
+    model_server.RESTServer = kserve_multiprocess.RESTServer = BoundRESTServer
+    model_server.GRPCServer = BoundGRPCServer

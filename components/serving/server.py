@@ -277,10 +277,11 @@ def logging_config(request_logs: bool) -> dict:
 
 
 def start(model, settings: ServerSettings, workers: int, http_port: int, grpc_port: int,
-          enable_grpc: bool) -> None:
-    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket; blocks."""
+          enable_grpc: bool, host: str | None = None) -> None:
+    """Run ``model`` in kserve.ModelServer with ``workers`` processes, each on its own socket, REST
+    and gRPC on ``host`` (None: every interface, as KServe does); blocks."""
     settings.apply()
-    listen.install()
+    listen.install(host)
     if enable_grpc:
         # KServe's gRPC server takes its message limit from its parsed arguments: the REST body limit.
         model_server.args.grpc_max_receive_message_length = settings.max_body_bytes
