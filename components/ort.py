@@ -21,6 +21,11 @@ def session(path: str | Path, threads: int, optimized_to: str | Path | None = No
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Pool threads sleep between runs instead of spinning: a spinning thread burns the core the
+    # next backend measured in the same process (make bench interleaves them), the server's event
+    # loop or a pod's CPU quota needs. make bench x3 (docs/backends-measurements.md §12):
+    # winner_vs_eager 4.57/3.88/4.82x -> 5.40/5.49/4.85x; ORT int8 b64 p99 18.8-23.2 -> 9.4-13.1 ms.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized_to:
         options.optimized_model_filepath = str(optimized_to)
@@ -30,4 +35,5 @@ def session(path: str | Path, threads: int, optimized_to: str | Path | None = No
 
     def run(x: np.ndarray) -> np.ndarray:
         return onnx.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    run.session = onnx
     return run

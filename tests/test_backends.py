@@ -161,6 +161,23 @@ def test_an_onnx_backend_names_the_one_self_contained_file_it_runs(model_and_bat
     assert not [n for n, b in backends.BACKENDS.items() if b.exports and not n.startswith("onnxruntime")]
 
 
+def test_onnx_runtime_sessions_have_a_fixed_thread_count_and_do_not_spin(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, save
+
+    from components import ort
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])),
+         str(tmp_path / "relu.onnx"))
+    run = ort.session(tmp_path / "relu.onnx", 2)
+    options = run.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert run(np.array([[-1.0, 0.0, 2.0]])).tolist() == [[0.0, 0.0, 2.0]]
+
+
 # --------------------------------------------------------------------------- precision checks
 def _bf16(model, x):
     """The model really computed in bf16 (ATen's bf16 kernels exist on every CPU, fast or not)."""
