@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
-from concurrent import futures
 
 from grpc import aio
 from kserve.logging import logger
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.grpc import server as kserve_grpc
 from kserve.protocol.rest.multiprocess import server as kserve_multiprocess
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
 from kserve.protocol.rest.server import RESTServer
@@ -93,26 +89,27 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class BoundGRPCServer(GRPCServer):
-    """KServe's gRPC server on :attr:`host` instead of [::]; the rest is KServe 0.21's ``start``."""
+class HostAio:
+    """Stands in for ``grpc.aio`` in KServe's gRPC server module, whose ``GRPCServer.start`` asks
+    for ``[::]:<port>``: the servers it makes listen on ``host`` at that port instead. Everything
+    else is grpc.aio's."""
 
-    host: str | None = None         # None: KServe's [::]
+    def __init__(self, host: str):
+        self.host = host
 
-    async def start(self, max_workers):
-        if not self.host:
-            return await super().start(max_workers)
-        self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
-            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
-        address = grpc_address(self.host, self._port)
-        self._server.add_insecure_port(address)
-        logger.info("Starting gRPC server with %s workers on %s", max_workers, address)
-        await self._server.start()
-        await self._server.wait_for_termination()
+    def __getattr__(self, name):
+        return getattr(aio, name)
+
+    def server(self, *args, **kwargs):
+        server = aio.server(*args, **kwargs)
+        add = server.add_insecure_port
+
+        def add_insecure_port(address: str) -> int:
+            bound = grpc_address(self.host, int(address.rsplit(":", 1)[1]))
+            logger.info("gRPC server listens on %s (not %s)", bound, address)
+            return add(bound)
+        server.add_insecure_port = add_insecure_port
+        return server
 
 
 def start_forkserver() -> None:
@@ -134,6 +131,6 @@ def install(host: str | None = None) -> None:
     FORKSERVER.set_forkserver_preload(PRELOAD)
     model_server.RESTServerMultiProcess = ReusePortMultiProcess
     kserve_multiprocess.RESTServerProcess = ForkServerProcess
-    BoundRESTServer.host = BoundGRPCServer.host = host
+    BoundRESTServer.host = host
     model_server.RESTServer = kserve_multiprocess.RESTServer = BoundRESTServer
-    model_server.GRPCServer = BoundGRPCServer
+    kserve_grpc.aio = HostAio(host) if host else aio
