@@ -71,7 +71,7 @@ def _loser_verdict(loser: dict, winner: dict, serving_batch: int) -> str:
     mine, best = median_ms(loser, serving_batch), median_ms(winner, serving_batch)
     ratio, low, high = versus(loser, winner, serving_batch)
     interval = f", 95 % interval {low:.2f}-{high:.2f}x" if low != high else ""
-    if _tied(loser, winner, serving_batch):
+    if low <= 1.0 <= high:                     # _tied, from the interval already bootstrapped
         return (f"slower: tied within noise at batch {serving_batch} ({mine:.3f} vs {best:.3f} ms, {ratio:.2f}x"
                 f"{interval}), then {median_ms(loser, TIE_BREAK_BATCH):.3f} vs {median_ms(winner, TIE_BREAK_BATCH):.3f}"
                 f" ms at batch {TIE_BREAK_BATCH}")
@@ -103,7 +103,7 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
         raise NoEligibleBackend("no backend passed the accuracy guard: "
                                 + "; ".join(f"{k}: {v}" for k, v in verdicts.items()))
     ranked = sorted(eligible, key=lambda r: (median_ms(r, serving_batch), median_ms(r, TIE_BREAK_BATCH)))
-    tied = [r for r in ranked if _tied(r, ranked[0], serving_batch)]
+    tied = ranked[:1] + [r for r in ranked[1:] if _tied(r, ranked[0], serving_batch)]
     winner = min(tied, key=lambda r: (median_ms(r, TIE_BREAK_BATCH), median_ms(r, serving_batch)))
     ranked = [winner] + [r for r in ranked if r is not winner]
     verdicts[winner["backend"]] = f"winner: {median_ms(winner, serving_batch):.3f} ms median at batch {serving_batch}"
