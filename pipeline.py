@@ -26,7 +26,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components import cluster, local_run
 from components.artifact import read_card
-from components.backends import BACKENDS
+from components.backends import BACKENDS, unknown_backends
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.gate import PROMOTE, gate, identity, install_local_champion, summary_line
@@ -187,9 +187,8 @@ def run_local(data_dir: str, epochs: int, backends: list[str], output_dir: str, 
 
     from components.run_console import NAME_WIDTH, RunConsole, plain
 
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    if unknown := unknown_backends(backends):
+        raise SystemExit(unknown)
     if not allow_download and (problem := layout_problem(Path(data_dir).expanduser().resolve())):
         raise SystemExit(f"run-local: {problem}")
     out = Path(output_dir).resolve()
@@ -282,10 +281,8 @@ def check_parameters(params: dict) -> None:
                        (", or --backends a,b; make pipeline BACKENDS=a,b)" if name == "backends" else ")")
             raise ValueError(f"{name}={json.dumps(value)}: expected a JSON {kind.lower()}{hint}")
     backends = params.get("backends", DEFAULT_BACKENDS)
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown else
-                         "backends is empty")
+    if (unknown := unknown_backends(backends)) or not backends:
+        raise ValueError(unknown or "backends is empty")
     if params.get("deploy_target", "local") not in DEPLOY_TARGETS:
         raise ValueError(f"deploy_target={params['deploy_target']!r}: expected one of {', '.join(DEPLOY_TARGETS)}")
 

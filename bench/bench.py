@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     from components.measure import pin_threads
 
     pinned = pin_threads()              # before torch is imported (the next line imports it)
-    from components.backends import BACKENDS, REFERENCE
+    from components.backends import BACKENDS, REFERENCE, unknown_backends
     from components.evaluate import MIN_RUNS, load_eval_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,10 +418,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sgemm-size", type=int, default=2048, help="matrix size of the peak sanity check")
     args = parser.parse_args(argv)
     names = [n for n in args.backends.split(",") if n]
-    unknown = [n for n in names if n not in BACKENDS]
+    unknown = unknown_backends(names)
     if unknown or REFERENCE not in names:
-        parser.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown
-                     else f"the list must include the reference backend {REFERENCE!r}")
+        parser.error(unknown or f"the list must include the reference backend {REFERENCE!r}")
     if args.runs < MIN_RUNS:
         parser.error(f"--runs must be at least {MIN_RUNS}")
 

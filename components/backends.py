@@ -701,3 +701,9 @@ def get(name: str) -> Backend:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+def unknown_backends(names: list[str]) -> str | None:
+    """Why a list of backend names (run-local, submit, bench) names backends that do not exist, or None."""
+    unknown = [n for n in names if n not in BACKENDS]
+    return f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}" if unknown else None
