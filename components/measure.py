@@ -38,14 +38,19 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
 
 
-PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+# GOMP_SPINCOUNT: how long an idle OpenMP worker busy-waits for the next parallel region before
+# it sleeps. libgomp's default (300,000 iterations, several ms) keeps the worker spinning on its
+# core while the next thing timed runs on another thread pool (NNPACK's in eager at batch 64, ONNX
+# Runtime's), which then gets half a core: eager batch 64 moved 33-72 ms within one process.
+# 30,000 still covers the gaps between one forward's operators (batch-1 latency unchanged).
+PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores", "GOMP_SPINCOUNT": "30000"}
 
 
 def pin_threads() -> dict[str, str]:
-    """Bind each OpenMP thread of torch to one core for the life of the process. The OpenMP
-    runtime reads the binding when torch is imported, so this imports torch itself; settings
-    already in the environment win. Returns the binding in force, empty if torch was already
-    imported (then nothing is changed).
+    """Bind each OpenMP thread of torch to one core for the life of the process, and let an idle
+    worker spin only briefly (``GOMP_SPINCOUNT``, above). The OpenMP runtime reads these when
+    torch is imported, so this imports torch itself; settings already in the environment win.
+    Returns the settings in force, empty if torch was already imported (then nothing is changed).
 
     OpenMP also binds the process's initial thread to the first core, and every thread created
     afterwards inherits that one-core mask: ONNX Runtime's thread pool would share one core and
