@@ -13,6 +13,7 @@ backend (``compile``) only ever sees the two latency batch sizes.
 
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 from components import backends
 from components.kfp_step import step
-from components.measure import batch_of, interleaved, latency_stats
+from components.measure import PINNED_THREADS, batch_of, interleaved, latency_stats
 from components.model import NUM_CLASSES, calibration_images, load_model_artifact, normalize
 from components.preprocess import load_split
 from components.runtime import set_threads
@@ -148,8 +149,11 @@ def _version(package: str) -> str | None:
 
 
 def environment(threads: int) -> dict:
+    """What the latency figures depend on beyond the code: threads, machine, versions, and the
+    OpenMP settings of this process (components/measure.py; absent = the runtime's defaults)."""
     return {"threads": threads, "machine": platform.machine(), "torch_version": torch.__version__,
-            "onnxruntime_version": _version("onnxruntime")}
+            "onnxruntime_version": _version("onnxruntime"),
+            "openmp_env": {k: os.environ[k] for k in PINNED_THREADS if k in os.environ}}
 
 
 def evaluate_backend(model_dir: str, data_dir: str, backend: str, threads: int = 0, runs: int = MIN_RUNS,

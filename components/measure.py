@@ -43,7 +43,8 @@ def percentile(sorted_values: list[float], p: float) -> float:
 # core while the next thing timed runs on another thread pool (NNPACK's in eager at batch 64, ONNX
 # Runtime's), which then gets half a core: eager batch 64 moved 33-72 ms within one process.
 # 30,000 still covers the gaps between one forward's operators (batch-1 latency unchanged).
-PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores", "GOMP_SPINCOUNT": "30000"}
+SHORT_SPIN = {"GOMP_SPINCOUNT": "30000"}
+PINNED_THREADS = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores", **SHORT_SPIN}
 
 
 def pin_threads() -> dict[str, str]:

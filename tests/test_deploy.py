@@ -18,6 +18,7 @@ from kubernetes import client as k8s
 
 from components import cluster, deploy, gate, storage
 from components.images import image
+from components.measure import SHORT_SPIN
 from components.model import WEIGHTS_FILE, sha256_file
 from tests.s3server import s3_store
 
@@ -650,3 +651,9 @@ def test_ir_heavy_tasks_request_cpu_and_memory_without_a_cpu_limit(ir):
         resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
         assert resources["resourceCpuRequest"] == "1" and "resourceCpuLimit" not in resources, step
         assert resources["resourceMemoryRequest"] == "2Gi" and resources["resourceMemoryLimit"] == "6Gi", step
+
+
+def test_ir_evaluate_sets_the_short_openmp_spin_in_its_environment(ir):
+    spec, _ = ir
+    env = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["env"]
+    assert {e["name"]: e["value"] for e in env} == SHORT_SPIN

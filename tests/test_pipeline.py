@@ -10,6 +10,7 @@ import yaml
 
 import pipeline
 from components import images
+from components.measure import SHORT_SPIN
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,7 @@ def test_run_local_on_the_sample_prints_one_line_per_task_then_the_table(sample_
     for name, result in written["backends"].items():
         assert result["status"] == "ok" and result["test_images"] == written["backends"]["eager"]["test_images"]
         assert result["agreement"] == 100.0 if name == "eager" else result["agreement"] >= 99.0
+        assert result["openmp_env"] == SHORT_SPIN, "evaluate's OpenMP workers spin as briefly as bench's"
         for batch in ("batch1", "batch64"):
             lat = result["latency"][batch]
             assert 0 < lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["runs"] >= 50
