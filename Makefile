@@ -36,9 +36,12 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 
 .PHONY: local
 local: ## run the whole pipeline on KFP's local runner (DATA_DIR=data, EPOCHS=, BACKENDS=a,b, OUTPUT_DIR=runs/latest, CHAMPION_DIR=runs/champion, MAX_REGRESSION=0, FORCE_DEPLOY=1)
-	$(PYTHON) pipeline.py run-local --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
-		$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG)
+	$(PYTHON) pipeline.py run-local $(LOCAL_ARGS)
+
+# One line, optional flags only when set (make echoes the command as it runs).
+LOCAL_ARGS = $(strip --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
+	$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG))
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)

@@ -227,6 +227,7 @@ def test_make_local_forces_deploy_only_when_told_yes(value, forced):
     out = subprocess.run(["make", "-n", "local", f"FORCE_DEPLOY={value}"], cwd=pipeline.ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert ("--force-deploy" in out) is forced and "pipeline.py run-local" in out
+    assert len(out.splitlines()) == 1 and "  " not in out, "make echoes one command line, no blank continuations"
 
 
 def test_make_local_refuses_a_force_deploy_value_it_does_not_know():
