@@ -224,8 +224,8 @@ def test_submit_checks_its_parameters_before_anything_else(arguments, message, m
 def test_make_local_forces_deploy_only_when_told_yes(value, forced):
     import subprocess
 
-    out = subprocess.run(["make", "-n", "local", f"FORCE_DEPLOY={value}"], cwd=pipeline.ROOT, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(["make", "--no-print-directory", "-n", "local", f"FORCE_DEPLOY={value}"], cwd=pipeline.ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
     assert ("--force-deploy" in out) is forced and "pipeline.py run-local" in out
     assert len(out.splitlines()) == 1 and "  " not in out, "make echoes one command line, no blank continuations"
 
