@@ -365,12 +365,11 @@ def main(argv=None) -> int:
     if not (model_dir and backend):
         if not args.summary.is_file():
             parser.error(f"{args.summary} not found: run `make local` first or pass --model-dir and --backend")
-        from components.artifact import ModelArtifactError
         from components.local_run import NotServable, serving_choice
 
         try:
             choice = serving_choice(args.summary)        # what the run's gate decided to serve
-        except (NotServable, ModelArtifactError) as e:
+        except NotServable as e:
             parser.error(str(e))
         print(f"bench-serve: {choice.describe()}", flush=True)
         summary_dir, winner = choice.model_dir, choice.backend

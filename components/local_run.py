@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.artifact import SERVING, read_card, verified_card
+from components.artifact import SERVING, ModelArtifactError, read_card, verified_card
 
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "pipeline.log"
@@ -72,7 +72,15 @@ def serving_choice(summary_path: str | Path) -> ServingChoice:
     """What the gate of the run-local ``summary_path`` decided to serve: on promote, the run's
     served artifact (select's ``served``: for an ONNX Runtime winner, the very file its evaluation
     measured) with its winning backend; on keep, the champion it kept, from the champion dir (a
-    copy of that run's served artifact). NotServable when there is no such thing."""
+    copy of that run's served artifact). NotServable when there is no such thing, including a
+    missing summary and an artifact that fails its checks (the one error its callers catch)."""
+    try:
+        return _serving_choice(summary_path)
+    except (FileNotFoundError, ModelArtifactError) as e:
+        raise NotServable(str(e)) from e
+
+
+def _serving_choice(summary_path: str | Path) -> ServingChoice:
     summary = read_summary(summary_path)
     if "served" not in summary or "gate" not in summary:
         raise NotServable(f"{summary_path} records no served artifact or no gate decision (a run from an "

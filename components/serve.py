@@ -61,13 +61,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict":
         return predict(args.image, args.url, args.model_name, args.top_k)
-    from components.artifact import ModelArtifactError
     from components.local_run import NotServable, serving_target
     from components.serving.check import serve_and_check
 
     try:
         target = serving_target(args.summary)
-    except (FileNotFoundError, NotServable, ModelArtifactError) as e:
+    except NotServable as e:
         print(f"check: {e}", file=sys.stderr)
         return 1
     print(json.dumps(serve_and_check(*target), indent=2))

@@ -81,6 +81,17 @@ def test_keep_refuses_what_it_cannot_serve_as_kept(served_eager, served_onnx, tr
         serving_choice(older)
 
 
+def test_a_missing_summary_or_a_tampered_artifact_is_not_servable(served_eager, tmp_path):
+    with pytest.raises(NotServable, match=r"summary.json not found: run `make local` first"):
+        serving_choice(tmp_path / "summary.json")
+    tampered = tmp_path / "served"
+    shutil.copytree(served_eager, tampered)
+    card = json.loads((tampered / "model_card.json").read_text())
+    (tampered / card["serving"]["file"]).write_bytes(b"not the measured file")
+    with pytest.raises(NotServable, match="sha256"):
+        serving_choice(write_summary(tmp_path, tampered, "promote"))
+
+
 def test_make_serve_says_what_it_serves_and_why(served_eager, served_onnx, tmp_path, monkeypatch, capsys):
     started = {}
     monkeypatch.setattr(server, "start", lambda model, *args: started.update(model=model, args=args))

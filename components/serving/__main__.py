@@ -65,12 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.summary:
-        from components.artifact import ModelArtifactError
         from components.local_run import NotServable, serving_choice
 
         try:
             choice = serving_choice(args.summary)
-        except (FileNotFoundError, NotServable, ModelArtifactError) as e:
+        except NotServable as e:
             print(f"predictor: {e}", file=sys.stderr)
             return 1
         print(f"predictor: {choice.describe()}", file=sys.stderr, flush=True)
