@@ -617,7 +617,7 @@ def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, ser
     """`make serve` / `make bench-serve` read summary.json and serve the select step's served
     artifact when the gate promoted it, whichever backend won (an int8 winner: the quantized file
     its evaluation measured). What a kept champion serves: tests/test_local_run.py."""
-    from components.local_run import serving_target
+    from components.local_run import NotServable, serving_target
     from components.served import export_served
 
     served_dir = served_onnx.get(winner, tmp_path / "served")
@@ -632,7 +632,7 @@ def test_a_run_local_summary_is_servable_whatever_backend_won(trained_model, ser
     served = GTSRBModel("gtsrb", str(served_dir), winner, max_batch=1)
     answer = served.predict(served.preprocess(v1(image_instance(encode(sign_image(14, random.Random(1)), "PNG")))))
     assert 0 <= answer["predictions"][0]["class_id"] < len(CLASS_NAMES)
-    with pytest.raises(FileNotFoundError, match="run `make local` first"):
+    with pytest.raises(NotServable, match="run `make local` first"):
         serving_target(tmp_path / "none.json")
 
 
