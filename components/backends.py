@@ -401,7 +401,11 @@ def int8_types(arm: bool = ARM, flags: set[str] | None = None) -> tuple[str, str
     return "QUInt8", "QInt8", True, "no VNNI/AMX: 7-bit weights keep AVX2's saturating u8 x s8 int16 pairs exact"
 
 
-INT8_OPS = ["Conv", "Gemm", "MatMul"]   # the arithmetic; normalization, pooling and BN stay fp32
+INT8_OPS = ["Conv", "Gemm", "MatMul"]   # the arithmetic
+# What ORT int8 quantizes: the arithmetic, and the ReLU and max-pool between quantized convolutions
+# (batch norm folded into them first, _onnxruntime_int8), so ONNX Runtime runs each block as one
+# QLinearConv with the ReLU fused, then a u8 max-pool, straight into the next QLinearConv.
+QDQ_OPS = [*INT8_OPS, "Relu", "MaxPool"]
 CALIBRATION_BATCH = 64                  # images per batch fed to the int8 calibrator
 
 
@@ -416,10 +420,15 @@ def fp32_ends(onnx_path) -> list[str]:
 
 
 def _onnxruntime_int8(model, example, calibration) -> Predict:
+    """Static QDQ int8 of ``model`` with batch norm folded into every quantized convolution
+    (:func:`fold_batchnorm`). The first convolution's block stays as it is: that conv is an fp32
+    end, and folded its max-pool would run on u8 in NCHW (ORT's slow path: 4.0 of 13.7 ms at batch
+    64). Measured against quantizing the model as trained: docs/backends-measurements.md §14."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32 = export_onnx(model, example)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    fp32 = export_onnx(fold_batchnorm(model, keep=(first_conv,)), example)
     activations, weights, reduce_range, _ = int8_types()
     out = fp32.with_name(f"{fp32.stem}-int8-{activations}-{weights}{'-rr' * reduce_range}-fp32ends-"
                         f"{_digest(calibration)}.onnx")
@@ -440,7 +449,7 @@ def _onnxruntime_int8(model, example, calibration) -> Predict:
 
         with _written_whole(out) as partial:
             quantize_static(str(prepared), str(partial), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=reduce_range, op_types_to_quantize=INT8_OPS,
+                            reduce_range=reduce_range, op_types_to_quantize=QDQ_OPS,
                             nodes_to_exclude=fp32_ends(prepared), activation_type=getattr(QuantType, activations),
                             weight_type=getattr(QuantType, weights))
         prepared.unlink()
@@ -456,10 +465,12 @@ ORT_INT8_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "Mat
 
 def ort_int8_problem(quantized, optimized) -> str | None:
     """Why the optimized graph ``optimized`` (what ONNX Runtime runs) computes fewer of the QDQ
-    model ``quantized``'s quantized layers (an INT8_OPS node fed by a DequantizeLinear) in int8
+    model ``quantized``'s quantized layers (an INT8_OPS node whose weights a DequantizeLinear makes) in int8
     kernels than there are, or None. Both are onnx ModelProtos."""
     dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    expected = sum(1 for n in quantized.graph.node if n.op_type in INT8_OPS and dequantized & set(n.input))
+    # quantized layers: their weights (input 1) are dequantized; an fp32 end may read dequantized activations
+    expected = sum(1 for n in quantized.graph.node
+                   if n.op_type in INT8_OPS and len(n.input) > 1 and n.input[1] in dequantized)
     ran = [n.op_type for n in optimized.graph.node if n.op_type in ORT_INT8_KERNELS]
     if expected and len(ran) >= expected:
         return None
@@ -538,9 +549,10 @@ class _ChannelAffine(nn.Module):
         return x * self.scale + self.shift
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, keep: tuple[nn.Module, ...] = ()) -> nn.Module:
     """The eval-mode ``model`` with its BatchNorm2d layers folded into the convolutions (in place;
-    the same function up to float rounding):
+    the same function up to float rounding). A block (nn.Sequential) holding a layer of ``keep``
+    is left as it is:
 
     - conv -> BN -> ReLU becomes conv' -> ReLU (torch's ``fuse_conv_bn_eval``);
     - conv -> max-pool -> BN -> ReLU (SignNet's blocks) becomes conv' -> ReLU -> max-pool when
@@ -554,7 +566,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     of two. On three gtsrb-dev models, top-1 agreement with fp32 went from 98.97-99.47 % to
     99.71-99.84 % and batch 64 ran 7-10 % faster (docs/backends-measurements.md). It also spares
     ``convert_pt2e`` its own conv-BN folding, which traces dozens of patterns (~1 min here)."""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+    kept = [m for m in model.modules() if isinstance(m, nn.Sequential) and any(k in list(m) for k in keep)]
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and m not in kept]:
         layers = list(seq)
         kinds = [type(m) for m in layers]
         if kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
@@ -566,7 +579,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         del seq[:]
         seq.extend(folded)
-    for child in list(model.modules()):
+    for child in [m for m in model.modules() if m not in kept]:
         for attr, grandchild in list(child.named_children()):
             if isinstance(grandchild, nn.BatchNorm2d):
                 setattr(child, attr, _ChannelAffine(grandchild))
@@ -650,7 +663,8 @@ def _no_quantizer() -> str | None:
 def _int8_description() -> str:
     activations, weights, reduce_range, why = int8_types()
     return (f"{activations[1:].lower()} activations x {'7-bit ' * reduce_range}{weights[1:].lower()} weights "
-            f"on {'/'.join(INT8_OPS)}, first and last layer fp32 ({why})")
+            f"on {'/'.join(INT8_OPS)}, first and last layer fp32 ({why}); batch norm folded into the "
+            "quantized convolutions, whose ReLU and max-pool run on u8 too")
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -684,7 +698,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "fp32", _onnxruntime, _no_onnxruntime, exports="onnx"),
     Backend("onnxruntime-int8", "int8, ONNX Runtime static quantization (QDQ, per-channel weights) calibrated "
             "on training images: " + _int8_description(),
-            "onnxruntime.quantization.quantize_static(QDQ, MinMax calibration) -> CPUExecutionProvider",
+            "BN folded into the quantized convs -> onnxruntime.quantization.quantize_static(QDQ, MinMax "
+            "calibration) -> CPUExecutionProvider",
             "int8", _onnxruntime_int8, _no_quantizer, needs_calibration=True, exports="onnx",
             kernels=_ort_int8_kernels),
     Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's X86InductorQuantizer config, "

@@ -1,5 +1,6 @@
 """The backend registry: every backend computes the eager model's function, or says why it cannot run."""
 
+import collections
 import copy
 import dataclasses
 import warnings
@@ -307,6 +308,12 @@ def test_onnxruntime_int8_must_run_int8_kernels_for_every_quantized_layer():
     assert problem == ("claims int8 but ONNX Runtime's optimized graph has 0 int8 kernels for the 1 layers "
                        "quantized in the model; the rest run Conv between DequantizeLinear/QuantizeLinear "
                        "(int8 simulated in fp32)")
+    # an fp32 end reading dequantized activations (its weights fp32) is not a quantized layer
+    from onnx import helper
+    quantized, optimized = _qdq_graphs(fused=True)
+    quantized.graph.node[3].input[0] = "yd"
+    quantized.graph.node.append(helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"]))
+    assert backends.ort_int8_problem(quantized, optimized) is None
 
 
 def runnable(name: str) -> Backend:
@@ -414,3 +421,38 @@ def test_a_negative_batchnorm_scale_is_not_moved_past_the_max_pool():
     folded = _folded_same_function(model)
     assert [type(m).__name__ for m in folded.features[2]] == ["Conv2d", "MaxPool2d", "_ChannelAffine", "ReLU"]
     assert [type(m).__name__ for m in folded.features[1]] == ["Conv2d", "ReLU", "MaxPool2d"]
+
+
+def test_onnxruntime_int8_runs_each_signnet_block_in_int8_with_nothing_fp32_between(tmp_path):
+    """Batch norm folded into the quantized convolutions, ReLU and max-pool quantized: ONNX Runtime
+    runs QLinearConv -> u8 max-pool -> QLinearConv, with one DequantizeLinear left (before the fp32
+    last layer); the first block (an fp32 end) keeps its fp32 max-pool."""
+    import onnx
+
+    from components import ort
+    from components.model import SignNet
+    model = _with_running_stats(SignNet())
+    g = torch.Generator().manual_seed(2)
+    x, calibration = torch.randn(8, 3, 32, 32, generator=g), torch.randn(128, 3, 32, 32, generator=g)
+    predict = backends.get("onnxruntime-int8").prepare(model, x, calibration=calibration)
+    ort.session(predict.exported, 1, optimized_to=tmp_path / "optimized.onnx")
+    ran = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert (ran["QLinearConv"], ran["QGemm"], ran["DequantizeLinear"]) == (3, 1, 1), ran
+    assert ran["BatchNormalization"] == 0 and ran["NhwcMaxPool"] == 2 and ran["MaxPool"] == 1, ran
+    with torch.inference_mode():
+        assert (predict(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.75
+
+
+def test_folding_can_leave_the_block_of_a_given_layer_as_it_is():
+    from components.model import SignNet
+    model = _with_running_stats(SignNet())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(x)
+    kept = copy.deepcopy(model)
+    backends.fold_batchnorm(kept, keep=(kept.features[1][0],))
+    assert [type(m).__name__ for m in kept.features[1]] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert [[type(m).__name__ for m in b] for b in kept.features[2:]] == [["Conv2d", "ReLU", "MaxPool2d"]] * 2 + [
+        ["Conv2d", "ReLU"]]
+    with torch.inference_mode():
+        assert (kept(x) - before).abs().max() < 1e-4 * before.abs().max()
