@@ -62,20 +62,22 @@ def versus(result: dict, other: dict, batch: int) -> tuple[float, float, float]:
     return ratio, ratio, ratio
 
 
-def _tied(result: dict, other: dict, batch: int) -> bool:
-    _, low, high = versus(result, other, batch)
+def _tied(interval: tuple[float, float, float]) -> bool:
+    """Whether a :func:`versus` ratio's interval contains 1."""
+    _, low, high = interval
     return low <= 1.0 <= high
 
 
-def _loser_verdict(loser: dict, winner: dict, serving_batch: int) -> str:
+def _loser_verdict(loser: dict, winner: dict, serving_batch: int, interval: tuple[float, float, float]) -> str:
+    """``interval``: versus(loser, winner, serving_batch)."""
     mine, best = median_ms(loser, serving_batch), median_ms(winner, serving_batch)
-    ratio, low, high = versus(loser, winner, serving_batch)
-    interval = f", 95 % interval {low:.2f}-{high:.2f}x" if low != high else ""
-    if low <= 1.0 <= high:                     # _tied, from the interval already bootstrapped
+    ratio, low, high = interval
+    shown = f", 95 % interval {low:.2f}-{high:.2f}x" if low != high else ""
+    if _tied(interval):
         return (f"slower: tied within noise at batch {serving_batch} ({mine:.3f} vs {best:.3f} ms, {ratio:.2f}x"
-                f"{interval}), then {median_ms(loser, TIE_BREAK_BATCH):.3f} vs {median_ms(winner, TIE_BREAK_BATCH):.3f}"
+                f"{shown}), then {median_ms(loser, TIE_BREAK_BATCH):.3f} vs {median_ms(winner, TIE_BREAK_BATCH):.3f}"
                 f" ms at batch {TIE_BREAK_BATCH}")
-    return f"slower: {mine:.3f} ms vs {best:.3f} ms median at batch {serving_batch} ({ratio:.2f}x{interval})"
+    return f"slower: {mine:.3f} ms vs {best:.3f} ms median at batch {serving_batch} ({ratio:.2f}x{shown})"
 
 
 def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agreement: float = 99.0,
@@ -103,7 +105,9 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
         raise NoEligibleBackend("no backend passed the accuracy guard: "
                                 + "; ".join(f"{k}: {v}" for k, v in verdicts.items()))
     ranked = sorted(eligible, key=lambda r: (median_ms(r, serving_batch), median_ms(r, TIE_BREAK_BATCH)))
-    tied = ranked[:1] + [r for r in ranked[1:] if _tied(r, ranked[0], serving_batch)]
+    fastest = ranked[0]
+    vs_fastest = {r["backend"]: versus(r, fastest, serving_batch) for r in ranked[1:]}   # bootstrapped once each
+    tied = [fastest] + [r for r in ranked[1:] if _tied(vs_fastest[r["backend"]])]
     winner = min(tied, key=lambda r: (median_ms(r, TIE_BREAK_BATCH), median_ms(r, serving_batch)))
     ranked = [winner] + [r for r in ranked if r is not winner]
     verdicts[winner["backend"]] = f"winner: {median_ms(winner, serving_batch):.3f} ms median at batch {serving_batch}"
@@ -112,7 +116,8 @@ def select_winner(results: list[dict], accuracy_tolerance: float = 0.5, min_agre
         verdicts[winner["backend"]] += (f", tied within noise with {others}; fastest of them at batch "
                                         f"{TIE_BREAK_BATCH} ({median_ms(winner, TIE_BREAK_BATCH):.3f} ms)")
     for r in ranked[1:]:
-        verdicts[r["backend"]] = _loser_verdict(r, winner, serving_batch)
+        interval = vs_fastest[r["backend"]] if winner is fastest else versus(r, winner, serving_batch)
+        verdicts[r["backend"]] = _loser_verdict(r, winner, serving_batch, interval)
     selection = {
         "winner": winner["backend"],
         "rule": RULE.format(tol=accuracy_tolerance, agree=min_agreement, batch=serving_batch),
