@@ -482,12 +482,19 @@ def ort_int8_problem(quantized, optimized) -> str | None:
 
 def _ort_int8_kernels(predict: Predict, x: torch.Tensor, fp32_model: nn.Module) -> str | None:
     """The graph ONNX Runtime optimizes the measured file into (same options as the measured
-    session: components/ort.py), checked by :func:`ort_int8_problem`."""
+    session: components/ort.py), checked by :func:`ort_int8_problem`. One graph per file, whatever
+    the probe batch (prepare checks two)."""
+    return _ort_file_int8_problem(predict.exported)
+
+
+@cache
+def _ort_file_int8_problem(path: Path) -> str | None:
+    """:func:`ort_int8_problem` of the int8 file ``path`` (named by its weights' and calibration's
+    digests, written whole: its content never changes under that name)."""
     import onnx
 
     from components import ort
 
-    path = predict.exported
     optimized = path.with_name(f".{path.stem}.{os.getpid()}.optimized.onnx")
     try:
         ort.session(path, 1, optimized_to=optimized)
