@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.artifact import SERVING, ModelArtifactError, read_card, verified_card
+from components.artifact import SERVING, ModelArtifactError, verified_card
 
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "pipeline.log"
@@ -93,6 +93,10 @@ def _serving_choice(summary_path: str | Path) -> ServingChoice:
         directory, run = kept_champion(summary, summary_path)
         why = f"the gate kept the champion: {gate['reason']}"
     serving = verified_card(directory).get(SERVING)
+    if serving is None and gate["decision"] != PROMOTE:
+        raise NotServable(f"the champion {directory} is a model artifact from before champions kept their served "
+                          "artifact: its backend is not on record; make this run's model the champion with "
+                          "`make local FORCE_DEPLOY=1`, or serve it with --model_dir and --backend")
     if serving is None:
         raise NotServable(f"{directory} is a model artifact, not a served one: it names no backend")
     return ServingChoice(str(directory), serving["backend"], run, serving["file"], serving["sha256"], why)
@@ -115,10 +119,6 @@ def kept_champion(summary: dict, summary_path: str | Path) -> tuple[Path, str]:
         raise NotServable(f"{path} now names weights {record.get('weights_sha256')}, not the champion the gate of "
                           f"{summary_path} kept ({kept['weights_sha256']}): another run changed the champion since; "
                           "run `make local` again")
-    if SERVING not in read_card(model_dir):
-        raise NotServable(f"the champion {model_dir} is a model artifact from before champions kept their served "
-                          "artifact: its backend is not on record; make this run's model the champion with "
-                          "`make local FORCE_DEPLOY=1`, or serve it with --model_dir and --backend")
     return model_dir, record.get("run_id") or "?"
 
 
