@@ -508,8 +508,6 @@ def _digest(tensor: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- PyTorch int8 (PT2E)
-CALIBRATION_BATCH = 64
-
 
 def pt2e_fp32_ends(model: nn.Module) -> list[str]:
     """The first conv and the last linear layer (module names): kept in fp32, as fp32_ends does
