@@ -15,9 +15,10 @@ OUTPUT_DIR ?= runs/latest
 CHAMPION_DIR ?= runs/champion
 MAX_REGRESSION ?=
 FORCE_DEPLOY ?=
-# FORCE_DEPLOY=1/true/yes promotes whatever the gate says; 0/false/no (or unset) does not; anything else is an error.
-FORCE_DEPLOY_FLAG = $(if $(filter 1 true yes,$(FORCE_DEPLOY)),--force-deploy,$(if $(filter-out 0 false no,$(FORCE_DEPLOY)),\
-	$(error FORCE_DEPLOY=$(FORCE_DEPLOY): use 1, true or yes to force, 0, false or no not to)))
+VERBOSE ?=
+# $(call yes_no,VAR,--option): --option when VAR is 1/true/yes; nothing when 0/false/no or unset; anything else is an error.
+yes_no = $(if $(filter 1 true yes,$($(1))),$(2),$(if $(filter-out 0 false no,$($(1))),\
+	$(error $(1)=$($(1)): use 1, true or yes for $(2), 0, false or no (or nothing) not to)))
 SAMPLE_DIR ?= ../shared/gtsrb-sample
 
 .PHONY: help
@@ -35,13 +36,14 @@ tools: ## install the static checkers `make test` runs: shellcheck (apt), action
 	bash .github/scripts/install-tools.sh static
 
 .PHONY: local
-local: ## run the whole pipeline on KFP's local runner (DATA_DIR=data, EPOCHS=, BACKENDS=a,b, OUTPUT_DIR=runs/latest, CHAMPION_DIR=runs/champion, MAX_REGRESSION=0, FORCE_DEPLOY=1)
+local: ## run the whole pipeline on KFP's local runner (DATA_DIR=data, EPOCHS=, BACKENDS=a,b, OUTPUT_DIR=runs/latest, CHAMPION_DIR=runs/champion, MAX_REGRESSION=0; FORCE_DEPLOY=1: deploy whatever the gate says; VERBOSE=1: stream the log)
 	$(PYTHON) pipeline.py run-local $(LOCAL_ARGS)
 
 # One line, optional flags only when set (make echoes the command as it runs).
 LOCAL_ARGS = $(strip --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR) --champion-dir $(CHAMPION_DIR) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKENDS),--backends $(BACKENDS)) \
-	$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(FORCE_DEPLOY_FLAG))
+	$(if $(MAX_REGRESSION),--max-regression $(MAX_REGRESSION)) $(call yes_no,FORCE_DEPLOY,--force-deploy) \
+	$(call yes_no,VERBOSE,--verbose))
 
 .PHONY: compile
 compile: ## compile the pipeline to pipeline.yaml (KFP IR)

@@ -14,7 +14,9 @@ storage as two objects instead of 50,000.
 import csv
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,14 +139,33 @@ def layout_problem(root: Path) -> str | None:
 
 
 def download(root: Path) -> None:
-    """torchvision's GTSRB download (md5-verified) into ``root``."""
+    """torchvision's GTSRB download (md5-verified) into ``root``: fetched into a temporary folder
+    inside ``root`` and moved to ``root/gtsrb`` only when both splits arrived, so a failed or
+    interrupted download leaves nothing behind (nor ``root`` itself, when it made it)."""
     from torchvision.datasets import GTSRB
 
+    target = root / TRAIN_DIR.parts[0]
+    try:
+        target.rmdir()                          # an empty one (what a failed download used to leave)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        raise IngestError(f"{target} exists but holds no {TRAIN_DIR.relative_to(TRAIN_DIR.parts[0])}/: not "
+                          "downloading over it. Remove it to download GTSRB there, or point the pipeline at a "
+                          "complete copy (`make local DATA_DIR=/path/to/root`)") from None
+    made = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)  # the top folder made
+    root.mkdir(parents=True, exist_ok=True)
     print(f"ingest: downloading GTSRB into {root} (about 350 MB) ...", flush=True)
     try:
-        for split in ("train", "test"):
-            GTSRB(root=str(root), split=split, download=True)
-    except Exception as exc:
+        with tempfile.TemporaryDirectory(prefix=".gtsrb-download-", dir=root) as partial:
+            for split in ("train", "test"):
+                GTSRB(root=partial, split=split, download=True)
+            os.replace(Path(partial) / target.name, target)
+    except BaseException as exc:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        if not isinstance(exc, Exception):     # Ctrl-C: cleaned up, then stop as asked
+            raise
         raise IngestError(
             f"could not download GTSRB into {root}: {type(exc).__name__}: {exc}\n"
             "Offline? Point the pipeline at a local copy in torchvision's layout "

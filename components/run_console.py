@@ -31,6 +31,18 @@ def plain(text: str) -> str:
     return ANSI.sub("", text)
 
 
+def exception_lines(tail: list[str]) -> tuple[list[str], str]:
+    """(lines, what they are) of a failed task's last lines: from the exception line on when they
+    hold a Python traceback's frames ("its error"), else all of them ("its last lines"). The
+    exception line is the first unindented line after the last frame."""
+    frames = [i for i, line in enumerate(tail) if line.startswith("  File ")]
+    if frames:
+        for i in range(frames[-1] + 1, len(tail)):
+            if tail[i] and not tail[i][0].isspace():
+                return tail[i:], "its error"
+    return list(tail), "its last lines"
+
+
 class _Capture:
     """A text stream for sys.stdout/sys.stderr: every line to the log (colour codes removed),
     the current task's last lines kept, and a copy to ``echo`` when verbose."""
@@ -140,9 +152,11 @@ class RunConsole:
             return f"({type(e).__name__} reading its outputs: {e})"
 
     def failure_report(self) -> str:
-        """The failed task's last lines and where the whole log is."""
+        """The failed task's error (its last lines from the exception on, when they end in a Python
+        traceback: the frames are in the log) and where the whole log is."""
         if not self.failed:
             return f"full log: {self.log_path}"
-        tail = "\n".join(f"  | {line}" for line in self.failed["tail"]) or "  | (no output)"
-        return (f"task {self.failed['task']} failed after {self.failed['seconds']:.1f} s; its last lines:\n{tail}\n"
-                f"full log: {self.log_path}")
+        lines, what = exception_lines(self.failed["tail"])
+        tail = "\n".join(f"  | {line}" for line in lines) or "  | (no output)"
+        return (f"task {self.failed['task']} failed after {self.failed['seconds']:.1f} s; {what}:\n{tail}\n"
+                f"full log{' (with the traceback)' * (what == 'its error')}: {self.log_path}")

@@ -1,6 +1,7 @@
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,71 @@ def test_synthetic_generator_is_deterministic(tmp_path):
     a, b = make_gtsrb(tmp_path / "a", seed=3), make_gtsrb(tmp_path / "b", seed=3)
     name = "gtsrb/GTSRB/Training/00011/00001_00002.ppm"
     assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def fake_gtsrb_download(source, fail_on=None):
+    """torchvision's GTSRB class with a download that copies ``source`` (torchvision's layout)
+    split by split, and raises while writing the split ``fail_on``."""
+    import torchvision.datasets
+
+    real = torchvision.datasets.GTSRB
+
+    def gtsrb(root, split, download=False, **kwargs):
+        if download:
+            base = Path(root) / "gtsrb"
+            if split == "train":
+                shutil.copytree(source / "gtsrb" / "GTSRB" / "Training", base / "GTSRB" / "Training")
+            else:
+                shutil.copytree(source / "gtsrb" / "GTSRB" / "Final_Test", base / "GTSRB" / "Final_Test")
+                shutil.copy(source / "gtsrb" / "GT-final_test.csv", base / "GT-final_test.csv")
+            if split == fail_on:
+                (base / "GTSRB_Final_Test_Images.zip").write_bytes(b"half a zip")
+                raise OSError("Connection reset by peer")
+        return real(root=root, split=split, **kwargs)
+    return gtsrb
+
+
+@pytest.mark.parametrize("made_root", [True, False])
+def test_a_failed_download_leaves_nothing_behind(synthetic_root, tmp_path, monkeypatch, made_root):
+    """The train split arrived, the test split broke off half-way: no gtsrb/ with a partial copy,
+    no temporary folder, and none of the folders the download made."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "GTSRB", fake_gtsrb_download(synthetic_root, fail_on="test"))
+    data = tmp_path / "new" / "data"
+    if not made_root:
+        (data / "notes").mkdir(parents=True)
+    with pytest.raises(IngestError, match="Connection reset by peer"):
+        ingest_dataset(str(data), str(tmp_path / "raw"), allow_download=True)
+    assert not (tmp_path / "raw").exists()
+    if made_root:
+        assert not (tmp_path / "new").exists()
+    else:
+        assert sorted(p.name for p in data.iterdir()) == ["notes"]
+
+
+def test_a_download_lands_whole_and_is_ingested(synthetic_root, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "GTSRB", fake_gtsrb_download(synthetic_root))
+    data = tmp_path / "data"
+    (data / "gtsrb").mkdir(parents=True)        # empty: what a failed download used to leave
+    summary = ingest_dataset(str(data), str(tmp_path / "raw"), allow_download=True)
+    assert summary == {"train_images": NUM_CLASSES * 6, "test_images": NUM_CLASSES * 2,
+                       "train_tracks": NUM_CLASSES * 2}
+    assert sorted(p.name for p in data.iterdir()) == ["gtsrb"]
+
+
+def test_no_download_over_a_partial_copy(synthetic_root, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded over a partial copy")
+
+    monkeypatch.setattr(torchvision.datasets, "GTSRB", no_download)
+    partial = tmp_path / "data" / "gtsrb"
+    partial.mkdir(parents=True)
+    (partial / "GT-final_test.csv").write_text("Filename;ClassId\n")
+    with pytest.raises(IngestError, match=r"gtsrb exists but holds no GTSRB/Training/: not downloading over it"):
+        ingest_dataset(str(tmp_path / "data"), str(tmp_path / "raw"), allow_download=True)
+    assert (partial / "GT-final_test.csv").exists()

@@ -235,7 +235,16 @@ def test_make_local_refuses_a_force_deploy_value_it_does_not_know():
 
     done = subprocess.run(["make", "-n", "local", "FORCE_DEPLOY=ture"], cwd=pipeline.ROOT, capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode != 0 and "FORCE_DEPLOY=ture: use 1, true or yes to force" in done.stderr
+    assert done.returncode != 0 and "FORCE_DEPLOY=ture: use 1, true or yes for --force-deploy" in done.stderr
+
+
+@pytest.mark.parametrize("value, verbose", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_make_local_streams_the_log_when_told_verbose(value, verbose):
+    import subprocess
+
+    out = subprocess.run(["make", "--no-print-directory", "-n", "local", f"VERBOSE={value}"], cwd=pipeline.ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert ("--verbose" in out) is verbose and len(out.splitlines()) == 1
 
 
 def test_run_local_rejects_unknown_backends(tmp_path):

@@ -57,6 +57,25 @@ def test_a_failed_task_reports_its_last_lines_and_the_log(tmp_path):
     assert report.endswith(f"full log: {tmp_path / 'pipeline.log'}")
 
 
+def test_a_failed_task_with_a_traceback_reports_its_error_not_the_frames(tmp_path):
+    out = io.StringIO()
+    console = RunConsole(tmp_path / "pipeline.log", 1, out=out)
+    lines = ["ingest: downloading GTSRB into /data (about 350 MB) ...", "Traceback (most recent call last):",
+             '  File "/x/ingest.py", line 160, in download', "    GTSRB(root=partial, split=split, download=True)",
+             "OSError: name resolution", "", "The above exception was the direct cause of the following exception:",
+             "", "Traceback (most recent call last):", '  File "/x/ingest.py", line 169, in download',
+             "    raise IngestError(", "components.ingest.IngestError: could not download GTSRB into /data",
+             "Offline? Point the pipeline at a local copy", "  (indented, still the message)",
+             "05:58:07.500 - ERROR - Task 'ingest' finished with status FAILURE"]
+    run_tasks(console, ("ingest", fake_task(FAILED, lines), {}))
+    report = console.failure_report().splitlines()
+    assert report[0].startswith("task ingest failed after") and report[0].endswith("s; its error:")
+    assert report[1:5] == ["  | components.ingest.IngestError: could not download GTSRB into /data",
+                           "  | Offline? Point the pipeline at a local copy", "  |   (indented, still the message)",
+                           "  | 05:58:07.500 - ERROR - Task 'ingest' finished with status FAILURE"]
+    assert report[5] == f"full log (with the traceback): {tmp_path / 'pipeline.log'}" and len(report) == 6
+
+
 def test_verbose_streams_the_log_too(tmp_path):
     out = io.StringIO()
     console = RunConsole(tmp_path / "pipeline.log", 1, verbose=True, out=out)
