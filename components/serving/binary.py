@@ -63,7 +63,7 @@ def parse_request(body: bytes, header_length: str | None, model_name: str) -> In
         raise InvalidInput(f"the first {json_length} bytes (Inference-Header-Content-Length) "
                            f"are not a JSON object ({e})") from None
     _object(header, "request header")
-    v2keys.check(header)
+    v2keys.check(header, model_name, binary=True)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         _fail("request header: 'inputs' must be a non-empty list")

@@ -46,9 +46,17 @@ class RequestGuard:
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if len(headers) < len(scope["headers"]) and (twice := _repeated(scope["headers"])):
+            return await send_error(scope, send, 400, f"header {twice} is given more than once; send it once",
+                                    [(b"connection", b"close")])
+        if scope["method"] not in ("POST", "PUT"):
+            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+                return await send_error(scope, send, 400, f"a {scope['method']} request has no body here; send "
+                                        "it without one", [(b"connection", b"close")])
+            return await self.app(scope, receive, send)
         if (refused := v2_content_type_refusal(scope, headers)) is not None:
             return await send_error(scope, send, 415, refused)
         if b"content-encoding" in headers and headers[b"content-encoding"].strip().lower() != b"identity":
@@ -105,6 +113,18 @@ class RequestGuard:
                 return body
 
 
+# Headers that decide how the body is read: given twice, the guard (the last value) and the parser
+# or KServe (the first, or both joined) would read the body differently.
+SINGLE_HEADERS = (b"content-length", b"content-type", b"content-encoding", b"transfer-encoding",
+                  binary.HEADER.encode())
+
+
+def _repeated(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first of :data:`SINGLE_HEADERS` that ``headers`` hold more than once, or None."""
+    names = [name for name, _ in headers]
+    return next((name.decode() for name in SINGLE_HEADERS if names.count(name) > 1), None)
+
+
 def _decodable(transfer_encoding: bytes) -> bool:
     """Whether uvicorn decodes these transfer codings (it decodes chunked only)."""
     return set(transfer_encoding.lower().replace(b" ", b"").split(b",")) <= {b"", b"chunked", b"identity"}
@@ -156,18 +176,21 @@ JSON_BODY = "gtsrb.json_body"     # scope key: a V2 JSON infer body as the reque
 
 
 def v2_json_body(scope, headers: dict, body: bytearray) -> tuple[object, str | None]:
-    """(a V2 JSON infer body as orjson reads it, why it is refused for a key outside the protocol).
-    The body is None when the request is not a V2 JSON infer request or orjson does not read it
-    (KServe's parser then has its say); the reason is None when nothing is refused (KServe's models
-    would drop an unknown key unread). The binary extension's header is checked where it is read
-    (components/serving/binary.py)."""
+    """(a V2 JSON infer body as orjson reads it, why it is refused). The body is None when the
+    request is not a V2 JSON infer request, or is refused: a body orjson cannot read (not JSON by
+    RFC 8259: NaN, Infinity, a lone surrogate, a byte-order mark; or a number beyond float64, no
+    valid value here; ``json.loads``, FastAPI's parser, takes them, and a lone surrogate echoed in
+    the answer made it a 500), or a request
+    :func:`v2keys.check` refuses (KServe's models would drop an unknown key unread). The binary
+    extension's header is checked where it is read (components/serving/binary.py)."""
     if not _v2_infer(scope) or RequestGuard.BINARY_HEADER in headers:
         return None, None
     try:
         parsed = orjson.loads(body)
-        v2keys.check(parsed)
-    except orjson.JSONDecodeError:
-        return None, None
+        v2keys.check(parsed, scope["path"].split("/")[3])
+    except orjson.JSONDecodeError as e:
+        return None, (f"request body is not JSON this server reads ({e}); NaN, Infinity, lone surrogates, a "
+                      "byte-order mark and numbers beyond float64 are refused")
     except InvalidInput as e:
         return None, e.reason
     return parsed, None
@@ -180,7 +203,8 @@ def read_json_once() -> None:
     when the request carries one (:data:`JSON_BODY`), and parses as before otherwise. For a text
     orjson reads, it reads what ``json.loads`` reads, except integers beyond 64 bits, which it
     makes floats (refused all the same: no such number is a valid tensor value, shape or top_k).
-    NaN, Infinity, lone surrogates and a BOM, which orjson refuses, still go to ``json.loads``."""
+    A body orjson refuses (NaN, Infinity, lone surrogates, a BOM, a number beyond float64) is refused
+    by the guard."""
     from starlette.requests import Request
 
     if getattr(Request.json, "reads_guard_body", False):

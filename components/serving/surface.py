@@ -44,6 +44,7 @@ OFFERED = {
     "/v2/models/{model_name}/ready": {"GET"},
 }
 LOGGED_CHARS = 300          # of a client-supplied reason or path in the log line
+SHOWN_PROBLEMS = 5          # of a V2 body's schema problems, in its 422 answer
 
 
 def _compile(offered: dict) -> list[tuple[re.Pattern, frozenset, str]]:
@@ -283,8 +284,9 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
     errors = exc.errors()
     # KServe's infer route takes an InferenceRequest or bytes: report the InferenceRequest's problems
     errors = [e for e in errors if tuple(e.get("loc", ()))[:2] != ("body", "bytes")] or errors
-    problems = "; ".join(f"{_location(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
-    return client_error(request, HTTPStatus.UNPROCESSABLE_ENTITY, f"invalid V2 request body: {problems}")
+    problems = "; ".join(f"{_location(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:SHOWN_PROBLEMS])
+    more = f"; and {len(errors) - SHOWN_PROBLEMS} more" if len(errors) > SHOWN_PROBLEMS else ""
+    return client_error(request, HTTPStatus.UNPROCESSABLE_ENTITY, f"invalid V2 request body: {problems}{more}")
 
 
 def _location(loc) -> str:
