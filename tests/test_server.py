@@ -163,6 +163,24 @@ def png(size=(40, 40), mode="RGB", noise=False) -> bytes:
     return buffer.getvalue()
 
 
+def many_scans(side: int, repeats: int) -> bytes:
+    """A progressive greyscale JPEG of ``side`` x ``side`` whose sixth scan (an AC refinement) is
+    repeated ``repeats`` more times: a valid file that libjpeg decodes by walking every block once
+    per scan (99 KB at 4096 x 4096 and 1,000 repeats took 14 s)."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, format="JPEG", progressive=True, quality=50)
+    data, out, i, scans = buffer.getvalue(), bytearray(b"\xff\xd8"), 2, 0
+    while data[i + 1] != 0xD9:
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:               # the scan's entropy-coded data runs to the next marker
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+            scans += 1
+        out += data[i:end] * (1 + repeats * (data[i + 1] == 0xDA and scans == 6))
+        i = end
+    return bytes(out + b"\xff\xd9")
+
+
 GOOD = b64(png())
 HUGE = b64(png((4096, 4096), "1"))        # 2 KB on the wire, 16.7 M pixels decoded: the whole budget
 V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
@@ -198,7 +216,8 @@ BAD = {
                              "cannot decode image"),
     "v1 truncated image": ("POST", V1, image(b64(png((200, 200), noise=True)[:20000])), {}, 400, "cannot decode image"),
     "v1 unsupported format": ("POST", V1, image(b64(b"GIF89a" + b"\0" * 64)), {}, 400, "not a PNG, JPEG, PPM image"),
-    "v1 image too many pixels": ("POST", V1, image(b64(png((5000, 4000), "1"))), {}, 413, "limit"),
+    "v1 image too large a side": ("POST", V1, image(b64(png((5000, 4000), "1"))), {}, 413,
+                                  "a 5000x4000 image; this server decodes images of at most 4096 pixels a side"),
     "v1 array wrong shape": ("POST", V1, {"instances": [[[0.0] * 32] * 32]}, {}, 400, "is not [3, 32, 32]"),
     "v1 array ragged": ("POST", V1, {"instances": [[[[0.0] * 32] * 32, [[0.0] * 32] * 31, [[0.0] * 32] * 32]]},
                         {}, 400, "rectangular"),
@@ -310,6 +329,13 @@ BAD = {
     "v2 schema problems, five named": ("POST", V2, {"inputs": [{"name": 1, "datatype": 2, "shape": "x", "data": 3,
                                                                "parameters": 4}], "outputs": 5, "id": 6}, {}, 422,
                                        "; and "),
+    "v1 a JPEG of 1,000 scans": ("POST", V1, image(b64(many_scans(2048, 1000))), {}, 413,
+                                 "a 2048x2048 JPEG of 1006 scans (decoded once per scan: it counts as 210973491 "
+                                 "pixels) brings the request to 210973491 decoded pixels, more than the limit"),
+    "v1 a line of 4,097 pixels": ("POST", V1, image(b64(b"P4\n4097 1\n" + b"\0" * 513)), {}, 413,
+                                  "a 4097x1 image; this server decodes images of at most 4096 pixels a side"),
+    "v1 a plain PGM": ("POST", V1, image(b64(b"P2\n2 2\n255\n" + b"#x\n" * 1000 + b"1 2 3 4\n")), {}, 400,
+                       "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
                         "a GET request has no body here; send it without one"),
 }
@@ -322,7 +348,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 79
+    assert len(BAD) >= 82
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

@@ -300,7 +300,7 @@ BAD_REQUESTS = {
     "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
     "pfm (float pixels)": (v1({"image": {"b64": b64(b"Pf 4 4 -1.0\n" + bytes(64))}}), "floating-point PFM"),
     "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "not a PNG, JPEG, PPM image"),
-    "too many pixels": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "limit"),
+    "too large a side": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "a side"),
     "array wrong shape": (v1([[[0.0] * 32] * 32] * 2), "is not [3, 32, 32]"),
     "array ragged": (v1([[[0.0] * 32] * 32, [[0.0] * 31] * 32, [[0.0] * 32] * 32]), "rectangular"),
     "array of strings": (v1([[["0"] * 32] * 32] * 3), 'instances[0][0][0][0]: expected a number, got "0"'),

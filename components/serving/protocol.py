@@ -33,6 +33,12 @@ from components import transforms
 from components.serving import binary
 
 MAX_REQUEST_PIXELS = 4096 * 4096           # decoded pixels per request, all its images together
+MAX_SIDE = 4096                            # pixels, either side of one image: 1 x 16M decodes 10-20x slower than 4096^2
+# A JPEG's decoder walks every block once per scan: past this many scans (libjpeg writes 10 for a
+# progressive colour image), each scan counts as the image's pixels again in the request's budget.
+# A 99 KB 4096x4096 JPEG of 1,000 scans took 14 s to decode.
+FREE_JPEG_SCANS = 20
+JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-coded data (0xFF is stuffed)
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 # An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
 IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
@@ -101,6 +107,8 @@ def decode_base64(value, where: str) -> bytes:
 def open_image(data: bytes, where: str) -> Image.Image:
     """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size);
     no pixel is decoded yet."""
+    if data[:2] in (b"P1", b"P2", b"P3"):     # PIL reads their comments in quadratic time (600 KB: 2 s)
+        _fail(where, "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG")
     try:                              # only these formats' header parsers ever see the bytes
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -112,6 +120,9 @@ def open_image(data: bytes, where: str) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1:
         _fail(where, f"image has zero size ({width}x{height})")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise RequestTooLarge(f"{where}: a {width}x{height} image; this server decodes images of at most "
+                              f"{MAX_SIDE} pixels a side")
     if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
         _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
     return image
@@ -128,17 +139,22 @@ def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: tr
 
 
 class PixelBudget:
-    """The decoded pixels one request may cost, spent image by image as headers are read."""
+    """The decoded pixels one request may cost, spent image by image as headers are read. A JPEG of
+    more than :data:`FREE_JPEG_SCANS` scans costs its pixels times scans / FREE_JPEG_SCANS."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
 
-    def spend(self, image: Image.Image, where: str) -> None:
+    def spend(self, image: Image.Image, data: bytes, where: str) -> None:
         width, height = image.size
-        self.used += width * height
+        scans = data.count(JPEG_SOS) if image.format == "JPEG" else 0
+        cost = width * height * max(scans, FREE_JPEG_SCANS) // FREE_JPEG_SCANS
+        self.used += cost
         if self.used > self.limit:
+            what = (f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
+                    if scans > FREE_JPEG_SCANS else f"a {width}x{height} image")
             raise RequestTooLarge(
-                f"{where}: a {width}x{height} image brings the request to {self.used} decoded pixels, more "
+                f"{where}: {what} brings the request to {self.used} decoded pixels, more "
                 f"than the limit of {self.limit} pixels per request (all its images together)")
 
 
@@ -331,8 +347,9 @@ def _v1_image(instance, where: str, budget: PixelBudget) -> tuple[Image.Image, s
     if not isinstance(image, dict) or set(image) != {"b64"}:
         _fail(f"{where}.image", "expected {\"b64\": \"<base64 PNG/JPEG/PPM>\"}")
     where = f"{where}.image.b64"
-    opened = open_image(decode_base64(image["b64"], where), where)
-    budget.spend(opened, where)
+    data = decode_base64(image["b64"], where)
+    opened = open_image(data, where)
+    budget.spend(opened, data, where)
     return opened, where
 
 
@@ -384,8 +401,9 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     budget, images = PixelBudget(sig.max_pixels), []
     for i, value in enumerate(data):              # every header first: refused before decoding any image
         at = f"{where} data[{i}]"
-        image = open_image(encoded_image(value, at), at)
-        budget.spend(image, at)
+        encoded = encoded_image(value, at)
+        image = open_image(encoded, at)
+        budget.spend(image, encoded, at)
         images.append((i, image, at))
     x = np.empty((len(data), *sig.input_shape), dtype=np.float32)
     _decode_images(x, images, sig)
