@@ -274,6 +274,51 @@ def test_bad_grpc_requests_are_errors_naming_the_problem_in_one_log_line(server)
     assert "Traceback" not in new and "ERROR" not in new
 
 
+def test_grpc_requests_kserve_would_misread_are_invalid_argument_with_bounded_messages(server, images):
+    """What a hostile client got from the gRPC server: UNKNOWN for bytes that are not a
+    ModelInferRequest (nothing logged), answers for tensors with two contents fields or an empty
+    parameter, RESOURCE_EXHAUSTED ("Stream removed") for a message too long for the trailers,
+    and a log line a newline in a tensor's name could forge."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    def tensor(name="image", shape=(1,), contents=None, **parameters):
+        contents = contents or pb.InferTensorContents(bytes_contents=[images[0]])
+        return pb.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=list(shape),
+                                                     contents=contents, parameters=parameters)
+
+    forged = "x\n2026-12-07 06:00:00.000 1 kserve ERROR [fake.py] injected line"
+    cases = {
+        "not a ModelInferRequest": (b"\x0a\x02\xff\xfe", "the request is not a valid protobuf message for "
+                                                         "/inference.GRPCInferenceService/ModelInfer (DecodeError"),
+        "a shape of 5,000 dimensions": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(shape=[1] * 5000)]),
+                                        "input 'image': a shape of 5000 dimensions; at most 8"),
+        "two contents fields": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(contents=pb.InferTensorContents(
+            bytes_contents=[images[0]], int_contents=[1]))]), "input 'image': contents in 2 fields (int_contents, "
+                                                               "bytes_contents); send the one field of datatype BYTES"),
+        "an empty parameter": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(
+            content_type=pb.InferParameter())]), "input 'image': parameters.content_type has no value"),
+        "a long name": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name="n" * 20_000)]),
+                        "... (20117 chars)"),
+        "a forged log line": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name=forged)]), "unknown input"),
+    }
+    before = server.log.read_text()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=lambda r: r if isinstance(r, bytes) else r.SerializeToString(),
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        for case, (request, text) in cases.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                infer(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{case}: {refused.value}"
+            assert text in refused.value.details() and len(refused.value.details()) <= 1100, case
+        good = infer(pb.ModelInferRequest(model_name=MODEL, inputs=[tensor()]), timeout=30)
+    assert 0 <= good.outputs[0].contents.int64_contents[0] < 43
+    new = server.log.read_text()[len(before):]
+    lines = new.splitlines()
+    assert len(lines) == len(cases) and all(" WARNING " in line for line in lines), new[-3000:]
+    assert "input 'x\\n2026-12-07 06:00:00.000 1 kserve ERROR [fake.py] injected line'" in new    # escaped
+
+
 def test_grpc_repository_calls_are_unimplemented_and_the_model_stays_loaded(server, images):
     """Issue 12's unload, over gRPC: KServe's servicer offers RepositoryModelLoad/Unload, and one
     Unload call removed the model from the gRPC server (NOT_FOUND from then on). Each call is now

@@ -89,19 +89,25 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class HostAio:
-    """Stands in for ``grpc.aio`` in KServe's gRPC server module, whose ``GRPCServer.start`` asks
-    for ``[::]:<port>``: the servers it makes listen on ``host`` at that port instead. Everything
-    else is grpc.aio's."""
+class GuardedAio:
+    """Stands in for ``grpc.aio`` in KServe's gRPC server module: the servers it makes run
+    :class:`components.serving.grpc_guard.GrpcGuard` before KServe's interceptors, and, given a
+    ``host``, listen on that host at the port KServe's ``GRPCServer.start`` asks for
+    (``[::]:<port>``). Everything else is grpc.aio's."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str | None = None):
         self.host = host
 
     def __getattr__(self, name):
         return getattr(aio, name)
 
     def server(self, *args, **kwargs):
+        from components.serving.grpc_guard import GrpcGuard
+
+        kwargs["interceptors"] = (GrpcGuard(), *kwargs.get("interceptors", ()))
         server = aio.server(*args, **kwargs)
+        if self.host is None:
+            return server
         add = server.add_insecure_port
 
         def add_insecure_port(address: str) -> int:
@@ -125,7 +131,8 @@ def start_forkserver() -> None:
 def install(host: str | None = None) -> None:
     """Make ``kserve.ModelServer(workers > 1)`` in this process use :class:`ReusePortMultiProcess`,
     and start (and restart) its workers as :class:`ForkServerProcess`; its REST and gRPC servers
-    listen on ``host`` (None: every interface, KServe's 0.0.0.0 and [::])."""
+    listen on ``host`` (None: every interface, KServe's 0.0.0.0 and [::]); its gRPC server checks
+    requests with :class:`GuardedAio`."""
     from kserve import model_server
 
     FORKSERVER.set_forkserver_preload(PRELOAD)
@@ -133,4 +140,4 @@ def install(host: str | None = None) -> None:
     kserve_multiprocess.RESTServerProcess = ForkServerProcess
     BoundRESTServer.host = host
     model_server.RESTServer = kserve_multiprocess.RESTServer = BoundRESTServer
-    kserve_grpc.aio = HostAio(host) if host else aio
+    kserve_grpc.aio = GuardedAio(host)

@@ -162,7 +162,7 @@ class GrpcLogFilter(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         status = next((s for kind, s in self.CLIENT_ERRORS if isinstance(error, kind)), None)
         if status and "grpc_method" in str(record.msg):
-            record.msg, record.args = f"gRPC %s: {status}: %s", (record.args[-1], error.reason)
+            record.msg, record.args = f"gRPC %s: {status}: %s", (record.args[-1], surface.printable(error.reason))
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True

@@ -126,7 +126,7 @@ class NoModelRepository:
 
         message = (f"{method} is not offered: this server does not load or unload models "
                    "(the model-repository extension is off)")
-        logger.warning("client error: gRPC %s(%s) -> UNIMPLEMENTED: %s", method, _printable(model_name), message)
+        logger.warning("client error: gRPC %s(%s) -> UNIMPLEMENTED: %s", method, printable(model_name), message)
         raise Unimplemented(message)
 
 
@@ -250,11 +250,11 @@ def install_error_handlers(app) -> None:
 def log_client_error(scope, status: int, reason: str) -> None:
     """One warning line, control characters escaped (the path and reason come from the client)."""
     path = scope.get("path", "?")
-    logger.warning("client error: %s %s -> %d: %s", scope.get("method", "?"), _printable(path),
-                   status, _printable(reason))
+    logger.warning("client error: %s %s -> %d: %s", scope.get("method", "?"), printable(path),
+                   status, printable(reason))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     text = text if len(text) <= LOGGED_CHARS else text[:LOGGED_CHARS] + f"... ({len(text)} chars)"
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 

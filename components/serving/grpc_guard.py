@@ -1,0 +1,119 @@
+"""The gRPC server's request guard: what KServe's servicer never sees or never checks.
+
+:class:`GrpcGuard` is a ``grpc.aio`` server interceptor placed before KServe's own (listen.py adds
+it to every gRPC server KServe makes). For each unary call it
+
+- reads the request itself: bytes that are not a valid protobuf message of the call's type (a
+  truncated field, a string that is not UTF-8) were answered UNKNOWN "Unexpected <class
+  'google.protobuf.message.DecodeError'>" with nothing logged; now INVALID_ARGUMENT naming the
+  problem, and one WARNING line;
+- checks a ModelInfer request's structure before KServe turns it into an InferRequest, which keeps
+  only the contents field of the tensor's datatype and drops the rest unread (:func:`infer_problem`,
+  the gRPC side of components/serving/v2keys.py);
+- bounds every error message it sends (:data:`MAX_DETAILS`): a 5 KB request with a shape of 5,000
+  ones made a message past the 8-16 KB a client accepts in trailers, so the client saw
+  RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc.aio import ServerInterceptor
+from kserve.logging import logger
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+from components.serving import v2keys
+from components.serving.surface import printable
+
+MAX_DETAILS = 1000          # characters of a gRPC error message (grpc-message travels in the trailers)
+CONTENTS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
+            "fp32_contents", "fp64_contents", "bytes_contents")
+
+
+class Undecodable:
+    """What the guard's deserializer hands on for bytes that are not the call's message."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def infer_problem(request: pb.ModelInferRequest) -> str | None:
+    """Why a ModelInfer request is refused before KServe reads it, or None."""
+    if len(request.inputs) > v2keys.MAX_INPUTS:
+        return f"{len(request.inputs)} inputs; expected exactly one input ('image' or 'input')"
+    if len(request.outputs) > v2keys.MAX_OUTPUTS:
+        return f"{len(request.outputs)} outputs; expected at most {v2keys.MAX_OUTPUTS}, one of each"
+    for tensor in request.inputs:
+        where = f"input {tensor.name[:80]!r}"
+        if len(tensor.shape) > v2keys.MAX_DIMS:
+            return f"{where}: a shape of {len(tensor.shape)} dimensions; at most {v2keys.MAX_DIMS}"
+        filled = [field for field in CONTENTS if len(getattr(tensor.contents, field))]
+        if len(filled) > 1:
+            return (f"{where}: contents in {len(filled)} fields ({', '.join(filled)}); send the one field of "
+                    f"datatype {tensor.datatype[:20]}")
+        if (empty := _empty_parameter(tensor.parameters)) is not None:
+            return f"{where}: parameters.{empty[:80]} has no value"
+    for output in request.outputs:
+        if (empty := _empty_parameter(output.parameters)) is not None:
+            return f"output {output.name[:80]!r}: parameters.{empty[:80]} has no value"
+    return None
+
+
+def _empty_parameter(parameters) -> str | None:
+    return next((key for key, value in parameters.items() if value.WhichOneof("parameter_choice") is None), None)
+
+
+CHECKS = {"/inference.GRPCInferenceService/ModelInfer": infer_problem}
+
+
+class BoundedContext:
+    """A servicer context whose error messages are cut to :data:`MAX_DETAILS` characters."""
+
+    def __init__(self, context):
+        self._context = context
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def abort(self, code, details: str = "", trailing_metadata=()):
+        await self._context.abort(code, _bounded(details), trailing_metadata)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(_bounded(details))
+
+
+def _bounded(details: str) -> str:
+    return details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + f"... ({len(details)} chars)"
+
+
+class GrpcGuard(ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, inner, deserialize = handler_call_details.method, handler.unary_unary, handler.request_deserializer
+        check = CHECKS.get(method)
+
+        def read(data: bytes):
+            try:
+                return deserialize(data)
+            except DecodeError as e:
+                return Undecodable(e)
+
+        async def guarded(request, context):
+            context = BoundedContext(context)
+            if isinstance(request, Undecodable):
+                await _refuse(context, method, f"the request is not a valid protobuf message for {method} "
+                                               f"({type(request.error).__name__}: {request.error})")
+            if check is not None and (problem := check(request)) is not None:
+                await _refuse(context, method, problem)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=read,
+                                                   response_serializer=handler.response_serializer)
+
+
+async def _refuse(context, method: str, message: str) -> None:
+    logger.warning("client error: gRPC %s -> INVALID_ARGUMENT: %s", method, printable(message))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
