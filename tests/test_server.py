@@ -336,6 +336,8 @@ BAD = {
                                   "a 4097x1 image; this server decodes images of at most 4096 pixels a side"),
     "v1 a plain PGM": ("POST", V1, image(b64(b"P2\n2 2\n255\n" + b"#x\n" * 1000 + b"1 2 3 4\n")), {}, 400,
                        "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG"),
+    "v2 an input name of 20,000 characters": ("POST", V2, v2(name="n" * 20_000), {}, 400,
+                                              "n... (20117 chars)"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
                         "a GET request has no body here; send it without one"),
 }
@@ -348,7 +350,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 82
+    assert len(BAD) >= 83
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

@@ -10,7 +10,7 @@ it to every gRPC server KServe makes). For each unary call it
 - checks a ModelInfer request's structure before KServe turns it into an InferRequest, which keeps
   only the contents field of the tensor's datatype and drops the rest unread (:func:`infer_problem`,
   the gRPC side of components/serving/v2keys.py);
-- bounds every error message it sends (:data:`MAX_DETAILS`): a 5 KB request with a shape of 5,000
+- bounds every error message it sends (surface.MAX_MESSAGE): a 5 KB request with a shape of 5,000
   ones made a message past the 8-16 KB a client accepts in trailers, so the client saw
   RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT.
 """
@@ -24,9 +24,8 @@ from kserve.logging import logger
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
 from components.serving import v2keys
-from components.serving.surface import printable
+from components.serving.surface import bounded, printable
 
-MAX_DETAILS = 1000          # characters of a gRPC error message (grpc-message travels in the trailers)
 CONTENTS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
             "fp32_contents", "fp64_contents", "bytes_contents")
 
@@ -68,7 +67,7 @@ CHECKS = {"/inference.GRPCInferenceService/ModelInfer": infer_problem}
 
 
 class BoundedContext:
-    """A servicer context whose error messages are cut to :data:`MAX_DETAILS` characters."""
+    """A servicer context whose error messages are cut as REST's are (surface.bounded)."""
 
     def __init__(self, context):
         self._context = context
@@ -77,14 +76,10 @@ class BoundedContext:
         return getattr(self._context, name)
 
     async def abort(self, code, details: str = "", trailing_metadata=()):
-        await self._context.abort(code, _bounded(details), trailing_metadata)
+        await self._context.abort(code, bounded(details), trailing_metadata)
 
     def set_details(self, details: str) -> None:
-        self._context.set_details(_bounded(details))
-
-
-def _bounded(details: str) -> str:
-    return details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + f"... ({len(details)} chars)"
+        self._context.set_details(bounded(details))
 
 
 class GrpcGuard(ServerInterceptor):

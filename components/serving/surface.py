@@ -45,6 +45,7 @@ OFFERED = {
 }
 LOGGED_CHARS = 300          # of a client-supplied reason or path in the log line
 SHOWN_PROBLEMS = 5          # of a V2 body's schema problems, in its 422 answer
+MAX_MESSAGE = 1000          # characters of an error message answered (REST body, gRPC details)
 
 
 def _compile(offered: dict) -> list[tuple[re.Pattern, frozenset, str]]:
@@ -134,7 +135,7 @@ async def send_error(scope, send, status: int, message: str, headers=()) -> None
     """Answer ``{"error": message}`` with ``status`` from ASGI middleware, logged as a client error.
     (A HEAD answer has no body, as HTTP requires; its headers still give the JSON's type and length.)"""
     log_client_error(scope, status, message)
-    body = orjson.dumps({"error": message})
+    body = orjson.dumps({"error": bounded(message)})
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -259,9 +260,14 @@ def printable(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
+def bounded(message: str) -> str:
+    """An error message as answered: cut to :data:`MAX_MESSAGE` characters (it can quote the client)."""
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + f"... ({len(message)} chars)"
+
+
 def client_error(request, status: int, message: str, headers=None) -> JSONResponse:
     log_client_error(request.scope, status, message)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": bounded(message)}, status_code=status, headers=headers)
 
 
 async def invalid_input(request, exc: InvalidInput) -> JSONResponse:
