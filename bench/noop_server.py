@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    server.fixed_mmap_threshold()
     settings = server.ServerSettings(logging=server.logging_config(False))
     kserve_logging.configure_logging(settings.logging)
     worker_metrics.prepare(args.workers)

@@ -127,6 +127,16 @@ def both_workers_listening(server, port: int, dead: int | None = None) -> dict[i
     raise AssertionError(f"not two workers listening: {workers}\n{server.log.read_text()[-2000:]}")
 
 
+def test_every_server_process_keeps_the_mmap_threshold_fixed(server):
+    """The workers fork from a forkserver started by the server: each has glibc's mmap threshold
+    fixed at 128 KiB from its environment (large buffers go back to the OS when freed)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    workers = both_workers_listening(server, port)
+    for pid in [server.process.pid, *workers]:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert b"MALLOC_MMAP_THRESHOLD_=131072" in environ, pid
+
+
 def test_each_worker_listens_on_its_own_socket_so_keep_alive_connections_spread(server):
     """KServe hands every worker the parent's one socket, and a worker's event loop accepts a whole
     burst of connections at once; here each worker has its own SO_REUSEPORT socket instead."""

@@ -4,10 +4,12 @@ validation of every instance, and what a multi-worker server ships to its worker
 import base64
 import io
 import json
+import os
 import pickle
 import random
 import shutil
 import time
+import types
 
 import numpy as np
 import pytest
@@ -495,7 +497,6 @@ def test_the_per_request_timing_middleware_goes_with_the_request_logs(monkeypatc
 def test_a_v2_json_body_is_parsed_once_by_the_guard_and_fastapi_gets_that_object(monkeypatch):
     """FastAPI would parse a V2 JSON body again with json.loads (8x slower than orjson for a
     tensor of numbers); it gets the guard's object. What orjson refuses (NaN) is refused, never parsed again."""
-    import types
 
     import starlette.requests
     from fastapi import Body
@@ -716,3 +717,16 @@ def test_grpc_parameter_values_kserve_cannot_read_are_refused(model):
                                         parameters={"top_k": pb.InferParameter()})   # a double/uint64 arrives empty
     with pytest.raises(InvalidInput, match="parameters.top_k: a value of a type this server does not read"):
         model.preprocess(InferRequest.from_grpc(grpc_request))
+
+
+def test_the_mmap_threshold_is_fixed_unless_the_environment_says_otherwise(monkeypatch):
+    import ctypes
+
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=lambda *a: calls.append(a)))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    server.fixed_mmap_threshold()
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "131072" and calls == [(-3, 131072)]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    server.fixed_mmap_threshold()
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "65536" and len(calls) == 1

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    server.fixed_mmap_threshold()
     if args.summary:
         from components.local_run import NotServable, serving_choice
 
