@@ -194,7 +194,7 @@ def check_normalized(x: np.ndarray, where: str, normalizer: transforms.Normalize
     if (lo <= low).all() and (high <= hi).all():     # one pass; a NaN fails here (comparisons are false)
         return
     if not np.isfinite(x).all():                # raw FP32 bytes can hold any float32
-        _fail(where, "contains NaN or infinity")
+        _fail(where, "contains NaN or infinity (or a number beyond float32, e.g. 1e308)")
     c = next(c for c in range(len(lo)) if not (lo[c] <= low[c] and high[c] <= hi[c]))
     bad = low[c] if low[c] < lo[c] else high[c]
     _fail(where, f"channel {c} holds {bad:.6g}, outside [{normalizer.low[c]:.4f}, {normalizer.high[c]:.4f}]: "
