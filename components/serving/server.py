@@ -179,11 +179,10 @@ JSON_BODY = "gtsrb.json_body"     # scope key: a V2 JSON infer body as the reque
 
 
 def v2_json_body(scope, headers: dict, body: bytearray) -> tuple[object, str | None]:
-    """(a V2 JSON infer body as orjson reads it, why it is refused). The body is None when the
-    request is not a V2 JSON infer request, or is refused: a body orjson cannot read (not JSON by
-    RFC 8259: NaN, Infinity, a lone surrogate, a byte-order mark; or a number beyond float64, no
-    valid value here; ``json.loads``, FastAPI's parser, takes them, and a lone surrogate echoed in
-    the answer made it a 500), or a request
+    """(a V2 JSON infer body as orjson reads it, why it is refused); the body is None when the
+    request is refused or is not a V2 JSON infer request. Refused: a body orjson cannot read (NaN,
+    Infinity, a lone surrogate, a byte-order mark, a number beyond float64: FastAPI's ``json.loads``
+    takes the first four, and a lone surrogate echoed in the answer was a 500), and whatever
     :func:`v2keys.check` refuses (KServe's models would drop an unknown key unread). The binary
     extension's header is checked where it is read (components/serving/binary.py)."""
     if not _v2_infer(scope) or RequestGuard.BINARY_HEADER in headers:
