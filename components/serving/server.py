@@ -5,8 +5,8 @@ when enabled, KServe's gRPC server in the parent process).
 
 A body larger than the limit is answered 413 before KServe reads it (gRPC: RESOURCE_EXHAUSTED
 past the same limit). A body without a Content-Type is JSON; a V2 body with the binary tensor
-extension's header reaches KServe as bytes and is read by :mod:`components.serving.binary`; a V2
-body declared as anything but JSON (or binary) is refused with 415. Routes and error answers:
+extension's header reaches KServe as bytes and is read by :mod:`components.serving.binary`; an
+inference body (V1 or V2) declared as anything but JSON (or V2 binary) is refused with 415. Routes and error answers:
 components/serving/surface.py.
 """
 
@@ -60,7 +60,7 @@ class RequestGuard:
                 return await send_error(scope, send, 400, f"a {scope['method']} request has no body here; send "
                                         "it without one", [(b"connection", b"close")])
             return await self.app(scope, receive, send)
-        if (refused := v2_content_type_refusal(scope, headers)) is not None:
+        if (refused := content_type_refusal(scope, headers)) is not None:
             return await send_error(scope, send, 415, refused)
         if b"content-encoding" in headers and headers[b"content-encoding"].strip().lower() != b"identity":
             encoding = headers[b"content-encoding"].decode(errors="replace")
@@ -222,18 +222,25 @@ def read_json_once() -> None:
     Request.json = json
 
 
-def v2_content_type_refusal(scope, headers: dict) -> str | None:
-    """Why a V2 infer body is refused for its declared content type, or None: a JSON body must be
-    sent as JSON (KServe takes any other type for the binary extension and answers with a message
-    about a missing header). No Content-Type, and the binary extension, are decided elsewhere."""
+def content_type_refusal(scope, headers: dict) -> str | None:
+    """Why an inference body (V1 predict, V2 infer) is refused for its declared content type, or
+    None: a JSON body must be sent as JSON. KServe takes any other type as raw bytes: for V2 the
+    binary extension (it answered with a message about a missing header), for V1 the model's own
+    format (ours parsed it as JSON all the same, so ``text/plain`` passed). No Content-Type (JSON),
+    and the binary extension, are decided elsewhere."""
     declared = headers.get(b"content-type")
-    if declared is None or not _v2_infer(scope):
+    if declared is None:
+        return None
+    if _v2_infer(scope):
+        route = "V2 inference"
+    elif scope["path"].startswith("/v1/") and scope["path"].endswith(":predict"):
+        route = "V1 prediction"
+    else:
         return None
     media_type = declared.split(b";", 1)[0].strip().lower()
     if media_type == b"application/json" or media_type.endswith(b"+json") or RequestGuard.BINARY_HEADER in headers:
         return None
-    return (f"Content-Type {declared.decode(errors='replace')} is not accepted for V2 inference; "
-            f"send application/json")
+    return f"Content-Type {declared.decode(errors='replace')} is not accepted for {route}; send application/json"
 
 
 @dataclass(frozen=True)
