@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 
 import pytest
@@ -192,6 +194,28 @@ def many_scans(side: int, repeats: int) -> bytes:
     return bytes(out + b"\xff\xd9")
 
 
+def mpo_wrapped(jpeg: bytes) -> bytes:
+    """``jpeg`` with a multi-picture (MPF) index after its SOI: PIL opens it as format MPO."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="MPO", save_all=True, append_images=[Image.new("L", (8, 8))])
+    mpo = buffer.getvalue()
+    start = mpo.index(b"\xff\xe2")                       # the APP2 segment holding "MPF\0"
+    end = start + 2 + int.from_bytes(mpo[start + 2:start + 4], "big")
+    return jpeg[:2] + mpo[start:end] + jpeg[2:]
+
+
+def exif_tags(count: int, orientation: int = 6) -> bytes:
+    """A 32x32 PNG whose eXIf chunk holds ``count`` SHORT tags, one of them its orientation
+    (65,535 of them took 16.7 s to turn upright through ImageOps.exif_transpose)."""
+    tags = sorted(set(range(count - 1)) | {0x0112})
+    ifd = len(tags).to_bytes(2, "big") + b"".join(
+        struct.pack(">HHIHH", tag, 3, 1, orientation if tag == 0x0112 else 1, 0) for tag in tags) + bytes(4)
+    exif = b"MM\0*\0\0\0\x08" + ifd
+    plain = png((32, 32))
+    chunk = len(exif).to_bytes(4, "big") + b"eXIf" + exif + zlib.crc32(b"eXIf" + exif).to_bytes(4, "big")
+    return plain[:33] + chunk + plain[33:]            # after the 8-byte signature and the IHDR chunk
+
+
 GOOD = b64(png())
 HUGE = b64(png((4096, 4096), "1"))        # 2 KB on the wire, 16.7 M pixels decoded: the whole budget
 V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
@@ -352,6 +376,13 @@ BAD = {
                        "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG"),
     "v2 an input name of 20,000 characters": ("POST", V2, v2(name="n" * 20_000), {}, 400,
                                               "n... (20117 chars)"),
+    "v1 a JPEG of 1,000 scans as an MPO": ("POST", V1, image(b64(mpo_wrapped(many_scans(2048, 1000)))), {}, 413,
+                                           "a 2048x2048 JPEG of 1006 scans"),
+    "v1 EXIF of 6,000 tags": ("POST", V1, image(b64(exif_tags(6_000))), {}, 400,
+                              "EXIF of 72008 bytes; at most 65535"),
+    "v1 a PGM of maxval 254, 400x400": ("POST", V1, image(b64(b"P5 400 400 254\n" + bytes(160_000))), {}, 413,
+                                        "a 400x400 PGM/PPM of maxval 254 (PIL decodes it in Python: it counts "
+                                        "as 40960000 pixels; send maxval 255, or PNG)"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
                         "a GET request has no body here; send it without one"),
 }
@@ -364,7 +395,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 84
+    assert len(BAD) >= 87
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

@@ -38,7 +38,12 @@ MAX_SIDE = 4096                            # pixels, either side of one image: 1
 # progressive colour image), each scan counts as the image's pixels again in the request's budget.
 # A 99 KB 4096x4096 JPEG of 1,000 scans took 14 s to decode.
 FREE_JPEG_SCANS = 20
+JPEG_SOI = b"\xff\xd8\xff"                # a JPEG's first bytes, also an MPO's (PIL's JPEG with a picture index)
 JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-coded data (0xFF is stuffed)
+# A PGM/PPM whose maxval is not 255 (nor 65535 for grey) goes through PIL's Python decoder, ~1.3 us a
+# sample against ~0.03 us a pixel for the others (a 1000x1000 one took 1.4 s): each pixel counts this many.
+PY_DECODER_COST = 256
+MAX_EXIF_BYTES = 65535                     # a JPEG's APP1 segment holds no more; a PNG eXIf chunk could
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 # An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
 IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
@@ -125,6 +130,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
                               f"{MAX_SIDE} pixels a side")
     if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
         _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
+    if len(image.info.get("exif", b"")) > MAX_EXIF_BYTES:   # reading the orientation parses every tag
+        _fail(where, f"EXIF of {len(image.info['exif'])} bytes; at most {MAX_EXIF_BYTES} (what a JPEG can carry)")
     return image
 
 
@@ -139,23 +146,35 @@ def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: tr
 
 
 class PixelBudget:
-    """The decoded pixels one request may cost, spent image by image as headers are read. A JPEG of
-    more than :data:`FREE_JPEG_SCANS` scans costs its pixels times scans / FREE_JPEG_SCANS."""
+    """The decoded pixels one request may cost, spent image by image as headers are read
+    (:func:`decode_cost`)."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
 
     def spend(self, image: Image.Image, data: bytes, where: str) -> None:
-        width, height = image.size
-        scans = data.count(JPEG_SOS) if image.format == "JPEG" else 0
-        cost = width * height * max(scans, FREE_JPEG_SCANS) // FREE_JPEG_SCANS
+        cost, what = decode_cost(image, data)
         self.used += cost
         if self.used > self.limit:
-            what = (f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
-                    if scans > FREE_JPEG_SCANS else f"a {width}x{height} image")
             raise RequestTooLarge(
                 f"{where}: {what} brings the request to {self.used} decoded pixels, more "
                 f"than the limit of {self.limit} pixels per request (all its images together)")
+
+
+def decode_cost(image: Image.Image, data: bytes) -> tuple[int, str]:
+    """(the pixels decoding ``image`` counts as, what it is): width x height, more where the decoder
+    does more per pixel: a JPEG (or MPO) of more than :data:`FREE_JPEG_SCANS` scans walks its
+    pixels once per scan; a PGM/PPM on PIL's Python decoder costs :data:`PY_DECODER_COST` each."""
+    width, height = image.size
+    pixels = width * height
+    if data.startswith(JPEG_SOI) and (scans := data.count(JPEG_SOS)) > FREE_JPEG_SCANS:
+        cost = pixels * scans // FREE_JPEG_SCANS
+        return cost, f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
+    if image.tile and image.tile[0][0] == "ppm":
+        cost = pixels * PY_DECODER_COST
+        return cost, (f"a {width}x{height} PGM/PPM of maxval {image.tile[0][3][-1]} (PIL decodes it in Python: "
+                      f"it counts as {cost} pixels; send maxval 255, or PNG)")
+    return pixels, f"a {width}x{height} image"
 
 
 def as_numbers(data, where: str) -> np.ndarray:
