@@ -551,7 +551,46 @@ def test_a_body_that_stops_arriving_is_a_408_and_never_reaches_the_app():
     asyncio.run(guard(scope, receive, send))
     assert 0.15 < time.monotonic() - start < 3
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
-    assert json.loads(sent[1]["body"]) == {"error": "the request body did not arrive within 0.2 seconds"}
+    assert json.loads(sent[1]["body"]) == {"error": "the request body stopped arriving: nothing for 0.2 seconds "
+                                                     "after 14 bytes"}
+
+
+def guarded_read(parts: list[tuple[float, bytes]], body_timeout_s: float) -> tuple[list, list]:
+    """Run the request guard on a body sent as ``parts`` (delay before each, bytes), the last one
+    ending it: (what the app received, what the guard answered)."""
+    import asyncio
+
+    received, sent = [], []
+
+    async def app(scope, receive, send):
+        received.append((await receive())["body"])
+
+    async def receive():
+        delay, data = parts.pop(0)
+        await asyncio.sleep(delay)
+        return {"type": "http.request", "body": data, "more_body": bool(parts)}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = server.RequestGuard(app, max_body_bytes=1 << 20, body_timeout_s=body_timeout_s)
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/gtsrb:predict", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(guard(scope, receive, send))
+    return received, sent
+
+
+def test_a_body_read_late_by_a_busy_worker_is_read_whole_and_a_trickle_is_a_408():
+    """The body timeout was on the whole body: a worker busy with other requests reads a large
+    body late, and a valid 7.9 MB body was answered 408, blaming the client. Now nothing may stop
+    arriving for body_timeout_s, and once the body has taken longer, it must average 1 KiB/s."""
+    busy = [(0.05, b"x" * 4096)] * 12                 # 0.6 s in all, 3 x the timeout, never idle for it
+    received, sent = guarded_read(busy, body_timeout_s=0.2)
+    assert received == [b"x" * 4096 * 12] and sent == []
+    trickle = [(0.15, b"x")] * 12                     # never idle for 0.2 s, 7 bytes/s
+    received, sent = guarded_read(trickle, body_timeout_s=0.2)
+    assert received == [] and sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"].endswith("bytes/s, under the minimum of 1024 bytes/s")
 
 
 def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():

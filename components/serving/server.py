@@ -16,6 +16,7 @@ import asyncio
 import copy
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -33,7 +34,8 @@ from components.serving.surface import send_error
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 MMAP_THRESHOLD = 128 << 10  # bytes: glibc's starting value, kept (fixed_mmap_threshold)
 M_MMAP_THRESHOLD = -3       # mallopt's parameter number (malloc.h)
-BODY_TIMEOUT_S = 30.0       # for a request body to arrive whole, once its head has (surface.HEAD_TIMEOUT_S)
+BODY_TIMEOUT_S = 30.0       # the longest wait for the next part of a request body (surface.HEAD_TIMEOUT_S: its head)
+MIN_BODY_RATE = 1024        # bytes/s a body must average once it has taken longer than BODY_TIMEOUT_S
 
 
 class RequestGuard:
@@ -82,11 +84,9 @@ class RequestGuard:
             return await send_error(scope, send, 413, f"request body of {declared.decode(errors='replace')} bytes "
                                                       f"exceeds the limit of {self.max_body_bytes} bytes")
         try:                              # a body that stops arriving would hold its buffer for good
-            async with asyncio.timeout(self.body_timeout_s):
-                body = await self._read_body(receive)
-        except TimeoutError:
-            return await send_error(scope, send, 408, f"the request body did not arrive within "
-                                                      f"{self.body_timeout_s:g} seconds", [(b"connection", b"close")])
+            body = await self._read_body(receive)
+        except BodyTooSlow as e:
+            return await send_error(scope, send, 408, str(e), [(b"connection", b"close")])
         if body is None:                  # the client went away
             return
         if len(body) > self.max_body_bytes:
@@ -105,15 +105,32 @@ class RequestGuard:
 
     async def _read_body(self, receive) -> bytearray | None:
         """The whole body, or its first bytes past the limit (a chunked body has no content-length:
-        it is counted as it arrives), or None if the client disconnected."""
-        body = bytearray()
+        it is counted as it arrives), or None if the client disconnected. Raises BodyTooSlow when
+        nothing arrives for ``body_timeout_s`` (as nginx's client_body_timeout: between two reads), or
+        when the body, once it has taken longer than that, averages under :data:`MIN_BODY_RATE`
+        (a byte every 29 s). Not a timeout on the whole body: while the worker is busy with other
+        requests it reads the body late, and a valid 7.9 MB body was answered 408 that way."""
+        body, start = bytearray(), time.monotonic()
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} seconds "
+                                  f"after {len(body)} bytes") from None
             if message["type"] != "http.request":
                 return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes or not message.get("more_body"):
                 return body
+            elapsed = time.monotonic() - start
+            if elapsed > self.body_timeout_s and len(body) < MIN_BODY_RATE * elapsed:
+                raise BodyTooSlow(f"the request body arrives at {len(body) / elapsed:.0f} bytes/s, under the "
+                                  f"minimum of {MIN_BODY_RATE} bytes/s")
+
+
+class BodyTooSlow(Exception):
+    """A request body that stopped arriving, or arrives too slowly (408)."""
 
 
 # Headers that decide how the body is read: given twice, the guard (the last value) and the parser
