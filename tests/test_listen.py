@@ -89,3 +89,33 @@ def test_make_serve_listens_on_loopback():
     out = subprocess.run(["make", "-n", "serve"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert "-m components.serving --summary runs/latest/summary.json --host 127.0.0.1 " in out
+
+
+@pytest.mark.slow
+def test_a_grpc_call_that_never_sends_its_request_ends_with_its_connection(trained_model, monkeypatch):
+    """grpc.aio never answers a unary call whose client half-closes without a request: it stayed
+    open until the client's deadline (for good without one). Connections now end after an age
+    (GTSRB_GRPC_CONNECTION_AGE_S, 1 s here; 300 s by default) plus a grace, and the call with them;
+    the client's next call is answered on a new connection."""
+    import time
+
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    from components.serving.client import local_predictor
+
+    monkeypatch.setenv("GTSRB_GRPC_CONNECTION_AGE_S", "1")
+    with local_predictor(str(trained_model), "eager", workers=1, grpc=True) as served, \
+            grpc.insecure_channel(served.grpc_target) as channel:
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        silent = channel.stream_stream(method, request_serializer=bytes, response_deserializer=bytes)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            list(silent(iter([]), timeout=30))
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 10
+        infer = channel.unary_unary(method, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 3, 32, 32],
+                                                       contents=pb.InferTensorContents(fp32_contents=[0.0] * 3072))
+        answer = infer(pb.ModelInferRequest(model_name="gtsrb", inputs=[tensor]), timeout=30)
+        assert 0 <= answer.outputs[0].contents.int64_contents[0] < 43
