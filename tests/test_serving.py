@@ -593,6 +593,44 @@ def test_a_body_read_late_by_a_busy_worker_is_read_whole_and_a_trickle_is_a_408(
     assert json.loads(sent[1]["body"])["error"].endswith("bytes/s, under the minimum of 1024 bytes/s")
 
 
+def test_a_body_that_arrives_while_the_worker_is_busy_is_read_whole():
+    """A worker's event loop also runs its other requests' preprocessing: blocked for 3x the body
+    timeout while the rest of a body arrived, it answered 408 "nothing for 30 seconds" to a client
+    that had sent everything. Only time the worker was free to read counts against the client."""
+    import asyncio
+
+    received, sent = [], []
+    arrived = asyncio.Event()
+
+    async def app(scope, receive, send):
+        received.append((await receive())["body"])
+
+    parts = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+
+    async def receive():
+        if parts:
+            return parts.pop()
+        await arrived.wait()
+        return {"type": "http.request", "body": b"y" * 10, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def busy_worker():
+        await asyncio.sleep(0.05)
+        asyncio.get_running_loop().call_later(0.1, arrived.set)   # the rest arrives during the next 0.6 s
+        time.sleep(0.6)                                            # another request's preprocessing
+
+    async def main():
+        guard = server.RequestGuard(app, max_body_bytes=1 << 20, body_timeout_s=0.2)
+        scope = {"type": "http", "method": "POST", "path": "/v1/models/gtsrb:predict", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}
+        await asyncio.gather(guard(scope, receive, send), busy_worker())
+
+    asyncio.run(main())
+    assert sent == [] and received == [b"x" * 10 + b"y" * 10]
+
+
 def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
     """uvicorn waited forever for a request head (an idle connection, or a slowloris header): with
     the head timeout shortened in-process, a real uvicorn server answers 408 and closes; a prompt

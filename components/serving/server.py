@@ -16,7 +16,6 @@ import asyncio
 import copy
 import logging
 import os
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ MMAP_THRESHOLD = 128 << 10  # bytes: glibc's starting value, kept (fixed_mmap_th
 M_MMAP_THRESHOLD = -3       # mallopt's parameter number (malloc.h)
 BODY_TIMEOUT_S = 30.0       # the longest wait for the next part of a request body (surface.HEAD_TIMEOUT_S: its head)
 MIN_BODY_RATE = 1024        # bytes/s a body must average once it has taken longer than BODY_TIMEOUT_S
+WAIT_SLICES = 30            # a body's wait is counted in BODY_TIMEOUT_S / WAIT_SLICES steps (RequestGuard._read_body)
 
 
 class RequestGuard:
@@ -106,27 +106,40 @@ class RequestGuard:
     async def _read_body(self, receive) -> bytearray | None:
         """The whole body, or its first bytes past the limit (a chunked body has no content-length:
         it is counted as it arrives), or None if the client disconnected. Raises BodyTooSlow when
-        nothing arrives for ``body_timeout_s`` (as nginx's client_body_timeout: between two reads), or
-        when the body, once it has taken longer than that, averages under :data:`MIN_BODY_RATE`
-        (a byte every 29 s). Not a timeout on the whole body: while the worker is busy with other
-        requests it reads the body late, and a valid 7.9 MB body was answered 408 that way."""
-        body, start = bytearray(), time.monotonic()
+        the client sends nothing for ``body_timeout_s`` (as nginx's client_body_timeout: between two
+        reads), or when the body, once it has taken longer than that, averages under
+        :data:`MIN_BODY_RATE` (a byte every 29 s).
+
+        Only time this worker was free to read counts as the client's: a worker busy with other
+        requests (their preprocessing runs in its event loop) reads a body late, and a valid 7.9 MB
+        body was answered 408 that way, blaming the client. The wait is kept in
+        :data:`WAIT_SLICES` slices of the timeout; a slice that ends late (the loop was busy) counts
+        as one slice, however long it took."""
+        body, waited = bytearray(), 0.0
         while True:
-            try:
-                async with asyncio.timeout(self.body_timeout_s):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} seconds "
-                                  f"after {len(body)} bytes") from None
+            message, waited = await self._next_message(receive, waited, len(body))
             if message["type"] != "http.request":
                 return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes or not message.get("more_body"):
                 return body
-            elapsed = time.monotonic() - start
-            if elapsed > self.body_timeout_s and len(body) < MIN_BODY_RATE * elapsed:
-                raise BodyTooSlow(f"the request body arrives at {len(body) / elapsed:.0f} bytes/s, under the "
+            if waited > self.body_timeout_s and len(body) < MIN_BODY_RATE * waited:
+                raise BodyTooSlow(f"the request body arrives at {len(body) / waited:.0f} bytes/s, under the "
                                   f"minimum of {MIN_BODY_RATE} bytes/s")
+
+    async def _next_message(self, receive, waited: float, received: int) -> tuple[dict, float]:
+        """(the next ASGI message, the time waited for the body so far, this wait included)."""
+        step = self.body_timeout_s / WAIT_SLICES
+        pending, idle = asyncio.ensure_future(receive()), 0.0
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=step)
+            if done:
+                return pending.result(), waited
+            idle, waited = idle + step, waited + step
+            if idle >= self.body_timeout_s:
+                pending.cancel()
+                raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} seconds "
+                                  f"after {received} bytes")
 
 
 class BodyTooSlow(Exception):
