@@ -216,6 +216,35 @@ def exif_tags(count: int, orientation: int = 6) -> bytes:
     return plain[:33] + chunk + plain[33:]            # after the 8-byte signature and the IHDR chunk
 
 
+def raw_profile_exif(size: int) -> bytes:
+    """A 32x32 PNG carrying ``size`` bytes of EXIF as ImageMagick's hex "Raw profile type exif" text
+    in a zTXt chunk (what PIL's getexif reads when there is no eXIf): 480 KB of it fit in 2.5 KB."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{size:8d}\n" + "00" * size, zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def after_image_data(png_bytes: bytes, chunk_type: bytes) -> bytes:
+    """``png_bytes`` with its ``chunk_type`` chunk moved after the image data (before IEND): PIL
+    reads such a chunk only when it loads the pixels."""
+    start = png_bytes.index(chunk_type) - 4
+    end = start + 12 + int.from_bytes(png_bytes[start:start + 4], "big")
+    rest = png_bytes[:start] + png_bytes[end:]
+    return rest[:-12] + png_bytes[start:end] + rest[-12:]
+
+
+def jpeg(extra_header: bytes = b"") -> bytes:
+    """A 32x32 JPEG with ``extra_header`` right after its SOI."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 90)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    return data[:2] + extra_header + data[2:]
+
+
 GOOD = b64(png())
 HUGE = b64(png((4096, 4096), "1"))        # 2 KB on the wire, 16.7 M pixels decoded: the whole budget
 V1, V2 = f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"
@@ -379,10 +408,19 @@ BAD = {
     "v1 a JPEG of 1,000 scans as an MPO": ("POST", V1, image(b64(mpo_wrapped(many_scans(2048, 1000)))), {}, 413,
                                            "a 2048x2048 JPEG of 1006 scans"),
     "v1 EXIF of 6,000 tags": ("POST", V1, image(b64(exif_tags(6_000))), {}, 400,
-                              "EXIF of 72008 bytes; at most 65535"),
+                              "EXIF of 72002 bytes; at most 65535"),
     "v1 a PGM of maxval 254, 400x400": ("POST", V1, image(b64(b"P5 400 400 254\n" + bytes(160_000))), {}, 413,
                                         "a 400x400 PGM/PPM of maxval 254 (PIL decodes it in Python: it counts "
                                         "as 40960000 pixels; send maxval 255, or PNG)"),
+    "v1 EXIF as 70,000 bytes of raw-profile text": ("POST", V1, image(b64(raw_profile_exif(70_000))), {}, 400,
+                                                    "EXIF of 70000 bytes; at most 65535"),
+    "v1 EXIF as raw-profile text after the image data": (
+        "POST", V1, image(b64(after_image_data(raw_profile_exif(70_000), b"zTXt"))), {}, 400,
+        "EXIF of 70000 bytes; at most 65535"),
+    "v1 a JPEG padded with 100,000 fill bytes": ("POST", V1, image(b64(jpeg(b"\xff" * 100_000))), {}, 400,
+                                                 "a JPEG with more than 4096 bytes outside its header segments"),
+    "v1 a JPEG of 2,000 comment segments": ("POST", V1, image(b64(jpeg(b"\xff\xfe\x00\x03x" * 2000))), {}, 400,
+                                            "a JPEG with more than 1024 segments before its first scan"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
                         "a GET request has no body here; send it without one"),
 }
@@ -395,7 +433,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 87
+    assert len(BAD) >= 96
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

@@ -44,6 +44,12 @@ JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-
 # sample against ~0.03 us a pixel for the others (a 1000x1000 one took 1.4 s): each pixel counts this many.
 PY_DECODER_COST = 256
 MAX_EXIF_BYTES = 65535                     # a JPEG's APP1 segment holds no more; a PNG eXIf chunk could
+EXIF_PREFIX = b"Exif\0\0"                  # PIL's, before a PNG's eXIf bytes
+# Bytes before a JPEG's first scan that belong to no segment (fill 0xFF, 0xFF00 pairs, junk): PIL's
+# header parser steps through them one at a time in Python (a megabyte of fill: 635 ms).
+MAX_JPEG_JUNK = 4096
+MAX_JPEG_SEGMENTS = 1024                   # a camera's JPEG has tens (175,000 APPn segments: 0.41 s)
+JPEG_FILL = re.compile(rb"\xff+")
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 # An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
 IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
@@ -114,6 +120,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
     no pixel is decoded yet."""
     if data[:2] in (b"P1", b"P2", b"P3"):     # PIL reads their comments in quadratic time (600 KB: 2 s)
         _fail(where, "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG")
+    if data.startswith(JPEG_SOI) and (problem := jpeg_header_problem(data)) is not None:
+        _fail(where, problem)
     try:                              # only these formats' header parsers ever see the bytes
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -130,9 +138,54 @@ def open_image(data: bytes, where: str) -> Image.Image:
                               f"{MAX_SIDE} pixels a side")
     if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
         _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
-    if len(image.info.get("exif", b"")) > MAX_EXIF_BYTES:   # reading the orientation parses every tag
-        _fail(where, f"EXIF of {len(image.info['exif'])} bytes; at most {MAX_EXIF_BYTES} (what a JPEG can carry)")
+    check_metadata(image, where)
     return image
+
+
+def check_metadata(image: Image.Image, where: str) -> None:
+    """EXIF, which reading the orientation parses tag by tag, at most :data:`MAX_EXIF_BYTES`: an
+    eXIf/APP1 block, or the hex "Raw profile type exif" text PIL reads when there is none (a
+    2.5 KB zTXt held 480 KB of it). Run on the header, and again once the pixels are loaded (a
+    PNG's chunks after its image data only arrive then)."""
+    exif = image.info.get("exif") or b""
+    size = len(exif) - len(EXIF_PREFIX) if exif.startswith(EXIF_PREFIX) else len(exif)
+    raw = image.info.get("Raw profile type exif")
+    if isinstance(raw, str):                    # as PIL reads it: hex lines after a 3-line preamble
+        size = max(size, sum(map(len, raw.split("\n")[3:])) // 2)
+    if size > MAX_EXIF_BYTES:
+        _fail(where, f"EXIF of {size} bytes; at most {MAX_EXIF_BYTES} (what a JPEG can carry)")
+
+
+def jpeg_header_problem(data: bytes) -> str | None:
+    """Why a JPEG's header (up to its first scan) would cost PIL's Python parser more than a real
+    camera's, or None: more than :data:`MAX_JPEG_JUNK` bytes that belong to no segment (fill 0xFF,
+    0xFF00 pairs, junk), or more than :data:`MAX_JPEG_SEGMENTS` segments. Walks the segments by
+    their lengths and stops at the first excess, so it costs at most a few thousand steps."""
+    pos, junk, segments, end = 2, 0, 0, len(data)
+    while pos < end - 1:
+        if junk > MAX_JPEG_JUNK:
+            return (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header segments before its first "
+                    "scan (fill bytes or junk)")
+        if data[pos] != 0xFF:                        # junk: up to the next 0xFF
+            following = data.find(b"\xff", pos)
+            following = end if following < 0 else following
+            junk, pos = junk + following - pos, following
+            continue
+        last = JPEG_FILL.match(data, pos).end() - 1  # fill bytes: the last 0xFF starts the marker
+        junk, pos = junk + last - pos, last
+        if pos + 1 >= end or data[pos + 1] == 0xDA:  # start of scan: the header ends
+            break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"a JPEG with more than {MAX_JPEG_SEGMENTS} segments before its first scan"
+        marker = data[pos + 1]
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:   # no length field
+            junk += 2 * (marker == 0x00)
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None if junk <= MAX_JPEG_JUNK else (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header "
+                                               "segments before its first scan (fill bytes or junk)")
 
 
 def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: transforms.Normalizer) -> None:
@@ -140,6 +193,7 @@ def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: tr
     try:
         with image:
             image.load()
+            check_metadata(image, where)
             normalizer.into(out, image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
