@@ -421,6 +421,8 @@ BAD = {
                                                  "a JPEG with more than 4096 bytes outside its header segments"),
     "v1 a JPEG of 2,000 comment segments": ("POST", V1, image(b64(jpeg(b"\xff\xfe\x00\x03x" * 2000))), {}, 400,
                                             "a JPEG with more than 1024 segments before its first scan"),
+    "v2 a body that is a JSON string": ("POST", V2, b'"x"', JSON, 400,
+                                        "request: expected a JSON object with 'inputs', got str"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
                         "a GET request has no body here; send it without one"),
 }
@@ -433,7 +435,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 96
+    assert len(BAD) >= 97
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():
@@ -501,6 +503,15 @@ def test_a_header_that_decides_how_the_body_is_read_given_twice_is_a_400(server,
     assert status == "HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
     assert json.loads(answer) == {"error": f"header {header} is given more than once; send it once"}
     assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
+
+
+def test_a_get_declaring_an_empty_body_and_an_empty_content_encoding_are_answered(server):
+    status, _, _ = raw_exchange(server, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n"
+                                        b"Connection: close\r\n\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    answer = requests.post(f"{server.url}{V1}", data=json.dumps(good_v1()), timeout=30,
+                           headers={"Content-Type": "application/json", "Content-Encoding": ""})
+    assert answer.status_code == 200
 
 
 def test_a_get_with_a_trickled_body_is_refused_at_once(server):

@@ -58,13 +58,13 @@ class RequestGuard:
             return await send_error(scope, send, 400, f"header {twice} is given more than once; send it once",
                                     [(b"connection", b"close")])
         if scope["method"] not in ("POST", "PUT"):
-            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+            if headers.get(b"content-length", b"").strip().lstrip(b"0") or b"transfer-encoding" in headers:
                 return await send_error(scope, send, 400, f"a {scope['method']} request has no body here; send "
                                         "it without one", [(b"connection", b"close")])
             return await self.app(scope, receive, send)
         if (refused := content_type_refusal(scope, headers)) is not None:
             return await send_error(scope, send, 415, refused)
-        if b"content-encoding" in headers and headers[b"content-encoding"].strip().lower() != b"identity":
+        if headers.get(b"content-encoding", b"").strip().lower() not in (b"", b"identity"):
             encoding = headers[b"content-encoding"].decode(errors="replace")
             return await send_error(scope, send, 415,
                                     f"Content-Encoding {encoding} is not supported; send the body uncompressed")

@@ -38,7 +38,7 @@ def check(body, model_name: str | None = None, binary: bool = False) -> None:
     extension's JSON header when ``binary``) that breaks the rules above. Values of other wrong
     types are left to the parsers that read them."""
     if not isinstance(body, dict):
-        return
+        raise InvalidInput(f"request: expected a JSON object with 'inputs', got {type(body).__name__}")
     _known(body, REQUEST, "request")
     if model_name is not None and "model_name" in body and body["model_name"] != model_name:
         raise InvalidInput(f"request: model_name {_shown(body['model_name'])} is not {model_name!r}, "
