@@ -560,14 +560,18 @@ def guarded_read(parts: list[tuple[float, bytes]], body_timeout_s: float) -> tup
     ending it: (what the app received, what the guard answered)."""
     import asyncio
 
-    received, sent = [], []
+    received, sent, due = [], [], []
 
     async def app(scope, receive, send):
         received.append((await receive())["body"])
 
-    async def receive():
-        delay, data = parts.pop(0)
-        await asyncio.sleep(delay)
+    async def receive():              # as uvicorn's: cancelled while it waits, it takes nothing
+        loop = asyncio.get_running_loop()
+        if not due:                   # each part arrives at a fixed time, whoever waits for it
+            for delay, _ in parts:
+                due.append((due[-1] if due else loop.time()) + delay)
+        await asyncio.sleep(max(0.0, due[len(due) - len(parts)] - loop.time()))
+        _, data = parts.pop(0)
         return {"type": "http.request", "body": data, "more_body": bool(parts)}
 
     async def send(message):

@@ -128,18 +128,19 @@ class RequestGuard:
                                   f"minimum of {MIN_BODY_RATE} bytes/s")
 
     async def _next_message(self, receive, waited: float, received: int) -> tuple[dict, float]:
-        """(the next ASGI message, the time waited for the body so far, this wait included)."""
-        step = self.body_timeout_s / WAIT_SLICES
-        pending, idle = asyncio.ensure_future(receive()), 0.0
+        """(the next ASGI message, the time waited for the body so far, this wait included). A
+        slice that times out cancels ``receive()`` while it waits for data, which takes nothing
+        (uvicorn keeps what has arrived for the next call)."""
+        step, idle = self.body_timeout_s / WAIT_SLICES, 0.0
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=step)
-            if done:
-                return pending.result(), waited
-            idle, waited = idle + step, waited + step
-            if idle >= self.body_timeout_s:
-                pending.cancel()
-                raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} seconds "
-                                  f"after {received} bytes")
+            try:
+                async with asyncio.timeout(step):
+                    return await receive(), waited
+            except TimeoutError:
+                idle, waited = idle + step, waited + step
+                if idle >= self.body_timeout_s:
+                    raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} "
+                                      f"seconds after {received} bytes") from None
 
 
 class BodyTooSlow(Exception):
