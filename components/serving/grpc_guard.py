@@ -39,10 +39,9 @@ class Undecodable:
 
 def infer_problem(request: pb.ModelInferRequest) -> str | None:
     """Why a ModelInfer request is refused before KServe reads it, or None."""
-    if len(request.inputs) > v2keys.MAX_INPUTS:
-        return f"{len(request.inputs)} inputs; expected exactly one input ('image' or 'input')"
-    if len(request.outputs) > v2keys.MAX_OUTPUTS:
-        return f"{len(request.outputs)} outputs; expected at most {v2keys.MAX_OUTPUTS}, one of each"
+    for field in ("inputs", "outputs"):
+        if (problem := v2keys.too_many(field, len(getattr(request, field)))) is not None:
+            return problem
     for tensor in request.inputs:
         where = f"input {tensor.name[:80]!r}"
         if len(tensor.shape) > v2keys.MAX_DIMS:

@@ -30,6 +30,8 @@ from kserve.protocol.rest.multiprocess import server as kserve_multiprocess
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
 from kserve.protocol.rest.server import RESTServer
 
+from components.serving.grpc_guard import GrpcGuard
+
 FORKSERVER = multiprocessing.get_context("forkserver")
 # Imported once by the forkserver, before any worker is forked from it: the serving stack
 # (kserve, numpy, PIL, this package) and ONNX Runtime (skipped where it is not installed).
@@ -118,8 +120,6 @@ class GuardedAio:
         return getattr(aio, name)
 
     def server(self, *args, **kwargs):
-        from components.serving.grpc_guard import GrpcGuard
-
         kwargs["interceptors"] = (GrpcGuard(), *kwargs.get("interceptors", ()))
         kwargs["options"] = [*kwargs.get("options", ()), *connection_age_options()]
         server = aio.server(*args, **kwargs)

@@ -162,10 +162,7 @@ def jpeg_header_problem(data: bytes) -> str | None:
     0xFF00 pairs, junk), or more than :data:`MAX_JPEG_SEGMENTS` segments. Walks the segments by
     their lengths and stops at the first excess, so it costs at most a few thousand steps."""
     pos, junk, segments, end = 2, 0, 0, len(data)
-    while pos < end - 1:
-        if junk > MAX_JPEG_JUNK:
-            return (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header segments before its first "
-                    "scan (fill bytes or junk)")
+    while pos < end - 1 and junk <= MAX_JPEG_JUNK:
         if data[pos] != 0xFF:                        # junk: up to the next 0xFF
             following = data.find(b"\xff", pos)
             following = end if following < 0 else following
@@ -184,8 +181,10 @@ def jpeg_header_problem(data: bytes) -> str | None:
             pos += 2
             continue
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None if junk <= MAX_JPEG_JUNK else (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header "
-                                               "segments before its first scan (fill bytes or junk)")
+    if junk > MAX_JPEG_JUNK:
+        return (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header segments before its first scan "
+                "(fill bytes or junk)")
+    return None
 
 
 def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: transforms.Normalizer) -> None:

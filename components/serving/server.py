@@ -150,7 +150,7 @@ class BodyTooSlow(Exception):
 # Headers that decide how the body is read: given twice, the guard (the last value) and the parser
 # or KServe (the first, or both joined) would read the body differently.
 SINGLE_HEADERS = (b"content-length", b"content-type", b"content-encoding", b"transfer-encoding",
-                  binary.HEADER.encode())
+                  RequestGuard.BINARY_HEADER)
 
 
 def _repeated(headers: list[tuple[bytes, bytes]]) -> str | None:

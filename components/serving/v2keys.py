@@ -43,18 +43,27 @@ def check(body, model_name: str | None = None, binary: bool = False) -> None:
     if model_name is not None and "model_name" in body and body["model_name"] != model_name:
         raise InvalidInput(f"request: model_name {_shown(body['model_name'])} is not {model_name!r}, "
                            "the model this route serves")
-    for field, keys, most, expected in (("inputs", TENSOR, MAX_INPUTS, "exactly one input ('image' or 'input')"),
-                                        ("outputs", OUTPUT, MAX_OUTPUTS, f"at most {MAX_OUTPUTS}, one of each")):
+    for field, keys in (("inputs", TENSOR), ("outputs", OUTPUT)):
         items = body.get(field)
         if not isinstance(items, list):
             continue
-        if len(items) > most:
-            raise InvalidInput(f"request: {len(items)} {field}; expected {expected}")
+        if (problem := too_many(field, len(items))) is not None:
+            raise InvalidInput(f"request: {problem}")
         for i, item in enumerate(items):
             if isinstance(item, dict):
                 _known(item, keys, f"{field}[{i}]")
                 if field == "inputs":
                     _tensor(item, f"inputs[{i}]", binary)
+
+
+def too_many(field: str, count: int) -> str | None:
+    """Why ``count`` tensors in ``field`` ("inputs" or "outputs") are more than this model has, or
+    None (REST here, gRPC in components/serving/grpc_guard.py)."""
+    if field == "inputs" and count > MAX_INPUTS:
+        return f"{count} inputs; expected exactly one input ('image' or 'input')"
+    if field == "outputs" and count > MAX_OUTPUTS:
+        return f"{count} outputs; expected at most {MAX_OUTPUTS}, one of each"
+    return None
 
 
 def _tensor(item: dict, where: str, binary: bool) -> None:
