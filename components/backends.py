@@ -257,9 +257,13 @@ def _onednn_bf16(model, example, calibration) -> Predict:
     return _run_with(lambda x: model(_to_bf16(x)).float(), enabled=True)
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _channels_last(model, example, calibration) -> Predict:
     model = model.to(memory_format=torch.channels_last)
-    return _run_with(lambda x: model(x.contiguous(memory_format=torch.channels_last)), enabled=True)
+    return _run_with(lambda x: model(_nhwc(x)), enabled=True)
 
 
 def _torchscript(model, example, calibration) -> Predict:
@@ -268,6 +272,47 @@ def _torchscript(model, example, calibration) -> Predict:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
     return _run_with(frozen, enabled=True)
+
+
+class _FlattenChannelsLast(nn.Module):
+    """``nn.Flatten`` of an N x C x H x W map in (H, W, C) order: a view of a channels-last map."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
+def flatten_channels_last(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The eval-mode ``model`` with each ``nn.Flatten`` of a 4-d map that feeds an ``nn.Linear``
+    (through dropouts, the identity in eval mode) flattening in (H, W, C) order, the linear
+    layer's input columns permuted to match (in place; the same function up to float rounding).
+
+    The compiled backends keep their maps channels-last (oneDNN's layout), so flattening in
+    torch's (C, H, W) order is a transpose. In PT2E's int8 graph inductor fused that transpose into
+    the activations' quantization as a scalar loop (an integer division per element): 0.37 ms of
+    batch 64's 2.4 ms on a 2-core AMX Xeon, where the flatten is now a view; fp32 `compile` gained
+    5 % (docs/backends-measurements.md)."""
+    found = {}                                      # flatten -> (its Sequential, index, the linear layer)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        for i, flatten in enumerate(layers):
+            following = [m for m in layers[i + 1:] if not isinstance(m, nn.Dropout)]
+            if (isinstance(flatten, nn.Flatten) and (flatten.start_dim, flatten.end_dim) == (1, -1)
+                    and following and isinstance(following[0], nn.Linear)):
+                found[flatten] = (seq, i, following[0])
+    shapes = {}
+    hooks = [f.register_forward_hook(lambda m, args, _out: shapes.__setitem__(m, args[0].shape)) for f in found]
+    with torch.no_grad():
+        model(example[:1])
+    for hook in hooks:
+        hook.remove()
+    for flatten, (seq, i, linear) in found.items():
+        if len(shapes.get(flatten, ())) != 4:
+            continue
+        _, c, h, w = shapes[flatten]
+        with torch.no_grad():
+            linear.weight.copy_(linear.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(linear.weight.shape))
+        seq[i] = _FlattenChannelsLast()
+    return model
 
 
 @contextmanager
@@ -299,7 +344,8 @@ def _compiled(model: nn.Module, prepare_input: Callable[[torch.Tensor], torch.Te
 
 
 def _compile(model, example, calibration) -> Predict:
-    return _compiled(model)
+    model = flatten_channels_last(model, example).to(memory_format=torch.channels_last)
+    return _compiled(model, _nhwc)
 
 
 def _to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +357,7 @@ def _to_fp32(y: torch.Tensor) -> torch.Tensor:
 
 
 def _compile_bf16(model, example, calibration) -> Predict:
+    model = flatten_channels_last(model, example)
     return _compiled(model.to(torch.bfloat16, memory_format=torch.channels_last), _to_bf16, _to_fp32)
 
 
@@ -595,11 +642,11 @@ def _pt2e_int8(model, example, calibration) -> Predict:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     start = time.perf_counter()
-    model = fold_batchnorm(model)
+    model = flatten_channels_last(fold_batchnorm(model), example)
     batch = torch.export.Dim("batch", min=1, max=4096)
     # An example of batch 1 would specialise the batch dimension to 1 (torch.export's 0/1 rule).
     example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).contiguous()
-    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    exported = torch.export.export(model, (_nhwc(example),), dynamic_shapes=({0: batch},)).module()
     observed = prepare_pt2e(exported, _pt2e_quantizer(model))
     with torch.no_grad():
         for i in range(0, len(calibration), CALIBRATION_BATCH):
@@ -607,7 +654,10 @@ def _pt2e_int8(model, example, calibration) -> Predict:
     quantized = convert_pt2e(observed)
     print(f"backends: PT2E int8 quantization ({len(calibration)} calibration images) in "
           f"{time.perf_counter() - start:.1f}s", flush=True)
-    return _compiled(quantized)
+    # Channels-last input: the first convolution reads it so; from torch's NCHW, inductor's
+    # standardize-and-quantize kernel wrote it transposed, one scalar at a time (0.48 -> 0.05 ms
+    # of batch 64 on the AMX Xeon; the conversion costs 0.07 ms).
+    return _compiled(quantized, prepare_input=_nhwc)
 
 
 # --------------------------------------------------------------------------- availability
@@ -689,13 +739,16 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torchscript", "fp32, traced + frozen TorchScript, oneDNN on (BN folded, oneDNN layouts)",
             "torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))",
             "fp32", _torchscript, _no_mkldnn),
-    Backend("compile", "fp32, torch.compile inductor CPU codegen with frozen weights (C++/OpenMP + oneDNN)",
-            "torch.compile(model, dynamic=False) with torch._inductor.config.freezing = True; "
+    Backend("compile", "fp32, torch.compile inductor CPU codegen with frozen weights (C++/OpenMP + oneDNN) "
+            "on the channels-last model (NHWC input, flatten in (H, W, C) order)",
+            "torch.compile(flatten_channels_last(model).to(memory_format=torch.channels_last), dynamic=False) "
+            "with torch._inductor.config.freezing = True; "
             "cache: TORCHINDUCTOR_CACHE_DIR",
             "fp32", _compile, _no_compiler),
     Backend("compile-bf16", "bf16, torch.compile inductor with frozen weights on the bf16 NHWC model "
             "(oneDNN bf16 convolutions, fused C++ elementwise code)",
-            "torch.compile(model.to(torch.bfloat16, memory_format=torch.channels_last), dynamic=False) "
+            "torch.compile(flatten_channels_last(model).to(torch.bfloat16, memory_format=torch.channels_last), "
+            "dynamic=False) "
             "with torch._inductor.config.freezing = True",
             "bf16", _compile_bf16, lambda: _no_bf16() or _no_compiler(), kernels=_all_bf16),
     Backend("onnxruntime", "fp32, ONNX export (torch.export-based) run by ONNX Runtime's CPU execution provider",
@@ -709,9 +762,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             kernels=_ort_int8_kernels),
     Backend("pt2e-int8", "int8, PyTorch's own: PT2E static quantization (torchao's X86InductorQuantizer config, "
             "histogram calibration on training images, per-channel s8 weights, first and last layer fp32) "
-            "lowered by torch.compile to oneDNN int8 kernels",
-            "BN folded into the convs -> torch.export -> torchao prepare_pt2e / convert_pt2e -> torch.compile "
-            "with freezing",
+            "lowered by torch.compile to oneDNN int8 kernels, channels-last input",
+            "BN folded into the convs, flatten in (H, W, C) order -> torch.export -> torchao prepare_pt2e / "
+            "convert_pt2e -> torch.compile with freezing",
             "int8", _pt2e_int8, _no_pt2e, needs_calibration=True, kernels=_int8_between_fp32_ends),
 )}
 

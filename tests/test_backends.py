@@ -443,6 +443,45 @@ def test_onnxruntime_int8_runs_each_signnet_block_in_int8_with_nothing_fp32_betw
         assert (predict(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.75
 
 
+def test_flattening_channels_last_keeps_the_function_and_makes_the_flatten_a_view():
+    from components.model import LPNet, SignNet
+    model = _with_running_stats(SignNet())
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = model(x)
+        nhwc = backends.flatten_channels_last(copy.deepcopy(model), x)
+        assert (nhwc(x) - before).abs().max() < 1e-5 * before.abs().max()
+        assert isinstance(nhwc.head[0], backends._FlattenChannelsLast)
+        assert not any(isinstance(m, torch.nn.Flatten) for m in nhwc.modules())
+        features = nhwc.features(x.contiguous(memory_format=torch.channels_last))
+        assert features.is_contiguous(memory_format=torch.channels_last)
+        assert nhwc.head[0](features).data_ptr() == features.data_ptr()       # a view, no transpose
+    lp = LPNet().eval()          # flattens with torch.flatten in forward(): nothing to rewrite
+    assert backends.flatten_channels_last(copy.deepcopy(lp), x).state_dict().keys() == lp.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_pt2e_int8_runs_signnet_channels_last_and_keeps_its_predictions():
+    """SignNet through PT2E: three int8 convolutions and the hidden linear layer in int8 (the first
+    conv and the head fp32), on channels-last input, the flatten's column order matching."""
+    from components.model import SignNet
+    spec = backends.get("pt2e-int8")
+    if spec.unavailable():
+        pytest.skip(spec.unavailable())
+    model = _with_running_stats(SignNet())
+    g = torch.Generator().manual_seed(2)
+    x, calibration = torch.randn(16, 3, 32, 32, generator=g), torch.randn(128, 3, 32, 32, generator=g)
+    predict = spec.prepare(model, x, calibration=calibration)
+    int8 = backends.KERNEL_DTYPES["int8"]
+    ran = collections.Counter(op for op, dtype in backends.kernels_run(predict, x) if dtype in int8)
+    assert sum(ran.values()) == len(backends._layers(model)) - 2, ran
+    with torch.inference_mode():
+        fp32 = model(x)
+    got = predict(x)
+    assert backends.REDUCED_FLOOR < backends.relative_error(got, fp32) < 0.1
+    assert (got.argmax(1) == fp32.argmax(1)).float().mean() >= 0.75
+
+
 def test_folding_can_leave_the_block_of_a_given_layer_as_it_is():
     from components.model import SignNet
     model = _with_running_stats(SignNet())
