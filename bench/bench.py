@@ -364,14 +364,26 @@ def ratio_lines(selection: dict) -> list[str]:
     return lines
 
 
-def target_report(f: dict) -> str:
+def target_applies(key: str, int8_dot: bool) -> str | None:
+    """Why a target is not for this CPU, or None. The int8 speed-up is a target where int8 has a
+    dot product (x86 VNNI/AMX, arm64's SDOT), which does 4x the MACs of an fp32 FMA; the fp32
+    roofline gap is the target where it has none (AVX2-only x86), so int8 cannot carry the CPU."""
+    if key == "int8_vs_best_fp32" and not int8_dot:
+        return "not a target on this CPU: no int8 dot product (VNNI/AMX, SDOT)"
+    if key == "best_fp32_gap" and int8_dot:
+        return "not a target on this CPU: it has an int8 dot product, int8_vs_best_fp32 is"
+    return None
+
+
+def target_report(f: dict, int8_dot: bool) -> str:
     parts = []
     for key, (op, bound) in TARGETS.items():
         if key not in f:
             parts.append(f"{key}: not measured (no eligible backend of that kind)")
             continue
         met = f[key] >= bound if op == ">=" else f[key] <= bound
-        parts.append(f"{key} {f[key]:.2f}x {op} {bound}x: {'met' if met else 'MISSED'}")
+        elsewhere = target_applies(key, int8_dot)
+        parts.append(f"{key} {f[key]:.2f}x {op} {bound}x: {elsewhere or ('met' if met else 'MISSED')}")
     return "targets: " + "; ".join(parts)
 
 
@@ -394,7 +406,7 @@ def main(argv=None) -> int:
     from components.measure import pin_threads
 
     pinned = pin_threads()              # before torch is imported (the next line imports it)
-    from components.backends import BACKENDS, REFERENCE, unknown_backends
+    from components.backends import BACKENDS, REFERENCE, int8_dot_products, unknown_backends
     from components.evaluate import MIN_RUNS, load_eval_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -502,7 +514,7 @@ def main(argv=None) -> int:
                if peak.gflops else " (spec-sheet peak unknown)")
     print(f"best fp32: {f['best_fp32']}; winner_vs_eager and gaps use batch-{BATCH} medians; gaps against the "
           f"attainable peak{at_spec}")
-    print(target_report(f))
+    print(target_report(f, int8_dot=bool(int8_dot_products())))
     print(summary_line(f))
     return 0
 

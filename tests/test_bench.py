@@ -109,10 +109,30 @@ def test_figures_and_the_last_line_from_a_selection():
                  "int8_vs_best_fp32": 2.75, "int8_vs_best_fp32_95": [2.75, 2.75]}
     line = bench.summary_line(f)
     assert LAST_LINE.match(line).groups() == ("int8", "10.00", "0.40", "1.10", "10.00", "10.00")
-    assert bench.target_report(f) == ("targets: winner_vs_eager 10.00x >= 8.0x: met; roofline_gap 0.40x <= 0.5x: "
-                                      "met; best_fp32_gap 1.10x <= 1.2x: met; int8_vs_best_fp32 2.75x >= 2.0x: met")
+    # each CPU is held to one of the two: int8's speed-up where it has an int8 dot product, fp32's roofline elsewhere
+    assert bench.target_report(f, int8_dot=True) == (
+        "targets: winner_vs_eager 10.00x >= 8.0x: met; roofline_gap 0.40x <= 0.5x: met; best_fp32_gap 1.10x <= "
+        "1.2x: not a target on this CPU: it has an int8 dot product, int8_vs_best_fp32 is; int8_vs_best_fp32 "
+        "2.75x >= 2.0x: met")
+    assert bench.target_report(dict(f, int8_vs_best_fp32=1.5), int8_dot=False).endswith(
+        "best_fp32_gap 1.10x <= 1.2x: met; int8_vs_best_fp32 1.50x >= 2.0x: not a target on this CPU: no int8 dot "
+        "product (VNNI/AMX, SDOT)")
+    assert bench.target_report(dict(f, int8_vs_best_fp32=1.5), int8_dot=True).endswith("1.50x >= 2.0x: MISSED")
     del f["int8_vs_best_fp32"]
-    assert bench.target_report(f).endswith("int8_vs_best_fp32: not measured (no eligible backend of that kind)")
+    assert bench.target_report(f, int8_dot=True).endswith("int8_vs_best_fp32: not measured (no eligible backend of "
+                                                          "that kind)")
+
+
+@pytest.mark.parametrize("arm, flags, dot", [
+    (False, {"avx2", "fma"}, []),
+    (False, {"avx512f", "avx512_vnni", "amx_int8", "amx_bf16"}, ["amx_int8", "avx512_vnni"]),
+    (False, {"avx2", "avx_vnni"}, ["avx_vnni"]),
+    (True, {"asimd"}, []),
+    (True, {"asimd", "asimddp", "i8mm"}, ["asimddp", "i8mm"])])
+def test_the_int8_dot_products_are_read_from_the_cpu_flags(arm, flags, dot):
+    from components.backends import int8_dot_products, int8_types
+    assert int8_dot_products(arm, flags) == dot
+    assert int8_types(arm, flags)[2] == (not arm and not dot)          # 7-bit weights: x86 without a dot product
 
 
 def test_the_roofline_gap_pairs_each_round_with_the_peak_of_that_round():
