@@ -300,6 +300,14 @@ def test_grpc_requests_kserve_would_misread_are_invalid_argument_with_bounded_me
         "a long name": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name="n" * 20_000)]),
                         "... (20117 chars)"),
         "a forged log line": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name=forged)]), "unknown input"),
+        "a binary_data_size that lies": (pb.ModelInferRequest(
+            model_name=MODEL, inputs=[tensor(contents=pb.InferTensorContents(), binary_data_size=pb.InferParameter(
+                int64_param=5))], raw_input_contents=[len(images[0]).to_bytes(4, "little") + images[0]]),
+            f"input 'image': parameters.binary_data_size is not the size of its raw_input_contents "
+            f"({len(images[0]) + 4} bytes)"),
+        "a binary_data_size without raw contents": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(
+            binary_data_size=pb.InferParameter(int64_param=5))]), "parameters.binary_data_size goes with "
+                                                                  "raw_input_contents; this input has none"),
     }
     before = server.log.read_text()
     with grpc.insecure_channel(server.grpc_target) as channel:

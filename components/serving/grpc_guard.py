@@ -42,7 +42,7 @@ def infer_problem(request: pb.ModelInferRequest) -> str | None:
     for field in ("inputs", "outputs"):
         if (problem := v2keys.too_many(field, len(getattr(request, field)))) is not None:
             return problem
-    for tensor in request.inputs:
+    for i, tensor in enumerate(request.inputs):
         where = f"input {tensor.name[:80]!r}"
         if len(tensor.shape) > v2keys.MAX_DIMS:
             return f"{where}: a shape of {len(tensor.shape)} dimensions; at most {v2keys.MAX_DIMS}"
@@ -52,9 +52,25 @@ def infer_problem(request: pb.ModelInferRequest) -> str | None:
                     f"datatype {tensor.datatype[:20]}")
         if (empty := _empty_parameter(tensor.parameters)) is not None:
             return f"{where}: parameters.{empty[:80]} has no value"
+        if "binary_data_size" in tensor.parameters and (problem := _size_problem(request, i)) is not None:
+            return f"{where}: {problem}"
     for output in request.outputs:
         if (empty := _empty_parameter(output.parameters)) is not None:
             return f"output {output.name[:80]!r}: parameters.{empty[:80]} has no value"
+    return None
+
+
+def _size_problem(request: pb.ModelInferRequest, i: int) -> str | None:
+    """Why input ``i``'s binary_data_size (which KServe's own gRPC client sends with
+    raw_input_contents) is wrong, or None: it must be the size of its raw bytes, as REST's binary
+    extension checks it. A lying one was answered."""
+    parameter = request.inputs[i].parameters["binary_data_size"]
+    kind = parameter.WhichOneof("parameter_choice")
+    if i >= len(request.raw_input_contents):
+        return "parameters.binary_data_size goes with raw_input_contents; this input has none"
+    size = len(request.raw_input_contents[i])
+    if kind not in ("int64_param", "uint64_param") or getattr(parameter, kind) != size:
+        return f"parameters.binary_data_size is not the size of its raw_input_contents ({size} bytes)"
     return None
 
 

@@ -21,13 +21,14 @@ import io
 import itertools
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput, ModelNotFound
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from components import transforms
 from components.serving import binary
@@ -50,6 +51,24 @@ EXIF_PREFIX = b"Exif\0\0"                  # PIL's, before a PNG's eXIf bytes
 MAX_JPEG_JUNK = 4096
 MAX_JPEG_SEGMENTS = 1024                   # a camera's JPEG has tens (175,000 APPn segments: 0.41 s)
 JPEG_FILL = re.compile(rb"\xff+")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PIL's PNG parser handles each chunk in Python (480,000 empty chunks: 1.4 s) and inflates every
+# iCCP, zTXt and iTXt chunk, keeping the text: 63 zTXt chunks of 1 MB each (PIL's limits) in each
+# of 64 tiny PNGs held 4 GB. A PNG may have at most MAX_PNG_CHUNKS chunks besides its image data
+# (IDAT), MAX_PNG_INFLATED of them compressed, each inflating to at most PNG_TEXT_BYTES (PIL's
+# MAX_TEXT_CHUNK), and all its text together at most PNG_TEXT_BYTES (PIL's MAX_TEXT_MEMORY; 64 KB
+# of EXIF as "Raw profile type exif" hex text takes 130 KB). Image-data chunks past FREE_PNG_CHUNKS
+# count as PNG_CHUNK_COST pixels each in the request's budget.
+MAX_PNG_CHUNKS = 256
+MAX_PNG_INFLATED = 8
+PNG_TEXT_BYTES = 256 * 1024
+FREE_PNG_CHUNKS = 1024
+PNG_CHUNK_COST = 512
+PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+# PIL warns about what a client sent (a corrupt EXIF tag, a large image) on stderr, a line or two
+# per tag: 5,000 bad tags in a 60 KB EXIF wrote 10,000 log lines. This server checks images itself
+# and logs one line per refusal, so PIL's warnings are not printed.
+warnings.filterwarnings("ignore", module=r"PIL\.")
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM")
 # An encoded image's first bytes; base64 text never starts like this (PPM's magic has whitespace after it).
 IMAGE_SIGNATURE = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|P[1-6]\s")
@@ -122,6 +141,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
         _fail(where, "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG")
     if data.startswith(JPEG_SOI) and (problem := jpeg_header_problem(data)) is not None:
         _fail(where, problem)
+    if data.startswith(PNG_SIGNATURE) and (problem := png_chunks(data)[1]) is not None:
+        _fail(where, problem)
     try:                              # only these formats' header parsers ever see the bytes
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -187,6 +208,30 @@ def jpeg_header_problem(data: bytes) -> str | None:
     return None
 
 
+def png_chunks(data: bytes) -> tuple[int, str | None]:
+    """(how many chunks a PNG has, why it is refused or None): more than :data:`MAX_PNG_CHUNKS`
+    chunks besides its image data, or more than :data:`MAX_PNG_INFLATED` compressed ones. Walks
+    the chunks by their lengths and stops at the first excess, or once the chunks alone would
+    spend a request's pixel budget (:func:`decode_cost`)."""
+    pos, total, other, inflated, end = len(PNG_SIGNATURE), 0, 0, 0, len(data)
+    most = FREE_PNG_CHUNKS + MAX_REQUEST_PIXELS // PNG_CHUNK_COST + 1
+    while pos + 8 <= end and total < most:
+        kind = data[pos + 4:pos + 8]
+        total += 1
+        if kind != b"IDAT":
+            other += 1
+            if other > MAX_PNG_CHUNKS:
+                return total, (f"a PNG with more than {MAX_PNG_CHUNKS} chunks besides its image data "
+                               "(an animation? send one frame)")
+            inflated += kind in (b"iCCP", b"zTXt", b"iTXt")
+            if inflated > MAX_PNG_INFLATED:
+                return total, f"a PNG with more than {MAX_PNG_INFLATED} compressed chunks (iCCP, zTXt, iTXt)"
+            if kind == b"IEND":
+                break
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return total, None
+
+
 def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: transforms.Normalizer) -> None:
     """An opened image -> ``out`` (float32 3x32x32) through the training transform, normalized."""
     try:
@@ -217,12 +262,17 @@ class PixelBudget:
 def decode_cost(image: Image.Image, data: bytes) -> tuple[int, str]:
     """(the pixels decoding ``image`` counts as, what it is): width x height, more where the decoder
     does more per pixel: a JPEG (or MPO) of more than :data:`FREE_JPEG_SCANS` scans walks its
-    pixels once per scan; a PGM/PPM on PIL's Python decoder costs :data:`PY_DECODER_COST` each."""
+    pixels once per scan; a PGM/PPM on PIL's Python decoder costs :data:`PY_DECODER_COST` each; a
+    PNG's chunks past :data:`FREE_PNG_CHUNKS` cost :data:`PNG_CHUNK_COST` each."""
     width, height = image.size
     pixels = width * height
     if data.startswith(JPEG_SOI) and (scans := data.count(JPEG_SOS)) > FREE_JPEG_SCANS:
         cost = pixels * scans // FREE_JPEG_SCANS
         return cost, f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
+    if data.startswith(PNG_SIGNATURE) and (chunks := png_chunks(data)[0]) > FREE_PNG_CHUNKS:
+        cost = pixels + (chunks - FREE_PNG_CHUNKS) * PNG_CHUNK_COST
+        return cost, (f"a {width}x{height} PNG of {chunks} chunks (PIL reads each in Python: past {FREE_PNG_CHUNKS} "
+                      f"they count as {PNG_CHUNK_COST} pixels each, {cost} in all)")
     if image.tile and image.tile[0][0] == "ppm":
         cost = pixels * PY_DECODER_COST
         return cost, (f"a {width}x{height} PGM/PPM of maxval {image.tile[0][3][-1]} (PIL decodes it in Python: "
@@ -253,7 +303,8 @@ def as_numbers(data, where: str) -> np.ndarray:
         _fail(at, f"expected a number, got {_as_json(value)}")
     if not numeric:
         _fail(where, f"expected numbers, got {type(data).__name__}")
-    return array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):            # past float32's range: infinity, refused by check_normalized
+        return array.astype(np.float32, copy=False)
 
 
 def check_normalized(x: np.ndarray, where: str, normalizer: transforms.Normalizer) -> None:

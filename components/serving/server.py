@@ -28,7 +28,7 @@ from kserve.protocol.dataplane import DataPlane
 
 from components.serving import binary, listen, surface, v2keys, worker_metrics
 from components.serving.metadata import correct_metadata
-from components.serving.surface import send_error
+from components.serving.surface import CLOSE, declares_body, send_error
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 MMAP_THRESHOLD = 128 << 10  # bytes: glibc's starting value, kept (fixed_mmap_threshold)
@@ -56,11 +56,11 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if len(headers) < len(scope["headers"]) and (twice := _repeated(scope["headers"])):
             return await send_error(scope, send, 400, f"header {twice} is given more than once; send it once",
-                                    [(b"connection", b"close")])
+                                    [CLOSE])
         if scope["method"] not in ("POST", "PUT"):
-            if headers.get(b"content-length", b"").strip().lstrip(b"0") or b"transfer-encoding" in headers:
+            if declares_body(scope):
                 return await send_error(scope, send, 400, f"a {scope['method']} request has no body here; send "
-                                        "it without one", [(b"connection", b"close")])
+                                        "it without one")
             return await self.app(scope, receive, send)
         if (refused := content_type_refusal(scope, headers)) is not None:
             return await send_error(scope, send, 415, refused)
@@ -86,14 +86,14 @@ class RequestGuard:
         try:                              # a body that stops arriving would hold its buffer for good
             body = await self._read_body(receive)
         except BodyTooSlow as e:
-            return await send_error(scope, send, 408, str(e), [(b"connection", b"close")])
+            return await send_error(scope, send, 408, str(e), [CLOSE])
         if body is None:                  # the client went away
             return
-        if len(body) > self.max_body_bytes:
+        if len(body) > self.max_body_bytes:         # a chunked body: the rest is unread
             return await send_error(scope, send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
         parsed, refused = v2_json_body(scope, headers, body)
         if refused is not None:
-            return await send_error(scope, send, 400, refused)
+            return await send_error(scope, send, 400, refused, body_read=True)
         if parsed is not None:                # FastAPI's Request.json() takes it (read_json_once)
             scope = {**scope, JSON_BODY: parsed}
         replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]

@@ -131,14 +131,25 @@ class NoModelRepository:
         raise Unimplemented(message)
 
 
-async def send_error(scope, send, status: int, message: str, headers=()) -> None:
+CLOSE = (b"connection", b"close")
+
+
+def declares_body(scope) -> bool:
+    headers = dict(scope["headers"])
+    return bool(headers.get(b"content-length", b"").strip().lstrip(b"0")) or b"transfer-encoding" in headers
+
+
+async def send_error(scope, send, status: int, message: str, headers=(), body_read: bool = False) -> None:
     """Answer ``{"error": message}`` with ``status`` from ASGI middleware, logged as a client error.
-    (A HEAD answer has no body, as HTTP requires; its headers still give the JSON's type and length.)"""
+    (A HEAD answer has no body, as HTTP requires; its headers still give the JSON's type and length.)
+    An answer to a request whose body was not read closes the connection: kept alive, the unread
+    body trickling in a byte at a time kept it open past every timeout (200 connections, 200 s)."""
     log_client_error(scope, status, message)
     body = orjson.dumps({"error": bounded(message)})
+    close = [CLOSE] if not body_read and CLOSE not in headers and declares_body(scope) else []
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+                            *headers, *close]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -147,7 +158,7 @@ HEAD_TIMEOUT_S = 30.0          # for the request line + headers to arrive (nginx
 
 
 def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
-    """Three gaps of uvicorn's httptools protocol, which parses every request before any
+    """Four gaps of uvicorn's httptools protocol, which parses every request before any
     middleware or route sees it (uvicorn takes httptools' parser when httptools is installed,
     "auto", as it is wherever kserve is: uvicorn[standard]):
 
@@ -162,6 +173,9 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     - It answers a request its parser refuses (a malformed request line or header, a method name
       it does not know) with a plain-text 400. That answer is now the JSON ``{"error": ...}`` of
       every other client error. uvicorn logs one WARNING line for each, as before.
+    - It appends a chunked body's trailer fields to the request's headers, without limit. They are
+      now dropped, and more than ``max_head_bytes`` of chunk extensions or trailers in a row are
+      answered 431 and the connection closed.
 
     The limits are class attributes, set on every call (tests shorten the timeout in-process).
     """
@@ -173,6 +187,7 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
         return
     made, lost = protocol.connection_made, protocol.connection_lost
     feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
+    header, on_body = protocol.on_header, protocol.on_body
 
     def start_head_timer(self) -> None:
         if getattr(self, "head_timer", None) is None:
@@ -205,19 +220,48 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
         self.head_bytes = 0                       # counting: this request's head is incomplete
         start_head_timer(self)
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if getattr(self, "head_bytes", None) is not None:   # a trailer field (after a chunked body) is dropped
+            header(self, name, value)
+
+    def on_body_data(self, body: bytes) -> None:
+        self.body_arrived = True
+        on_body(self, body)
+
     def on_headers_complete(self) -> None:
         self.head_bytes = None
         stop_head_timer(self)
         complete(self)
 
     def data_received(self, data: bytes) -> None:
-        feed(self, data)                           # the parser calls the two methods above
-        if getattr(self, "head_bytes", None) is None or self.transport.is_closing():
+        self.body_arrived = False
+        feed(self, data)                           # the parser calls the methods above
+        if self.transport.is_closing():
+            return
+        if getattr(self, "head_bytes", None) is None:
+            stray_bytes(self, data)
             return
         self.head_bytes += len(data)
         if self.head_bytes > self.max_head_bytes:
             self.logger.warning(f"client error: a request head over {self.max_head_bytes} bytes -> 431")
             _answer_and_close(self, 431, f"the request line and headers exceed {self.max_head_bytes} bytes")
+
+    def stray_bytes(self, data: bytes) -> None:
+        """Bytes of a request that are neither head nor body: chunk extensions and trailer fields,
+        which llhttp buffers (1 GB of trailers took a worker from 268 to 1,198 MB). Past
+        ``max_head_bytes`` in a row, 431 and the connection closed."""
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.body_arrived:
+            self.stray = 0
+            return
+        self.stray = getattr(self, "stray", 0) + len(data)
+        if self.stray > self.max_head_bytes:
+            self.logger.warning(f"client error: over {self.max_head_bytes} bytes of chunk extensions or trailer "
+                                "fields -> 431")
+            if cycle.response_started:
+                self.transport.close()
+            else:
+                _answer_and_close(self, 431, f"chunk extensions or trailer fields exceed {self.max_head_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
         _answer_and_close(self, 400, f"{msg} The request line or a header is not HTTP/1.1 this server can parse.")
@@ -225,6 +269,7 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     protocol.connection_made, protocol.connection_lost = connection_made, connection_lost
     protocol.on_message_begin, protocol.on_headers_complete = on_message_begin, on_headers_complete
     protocol.data_received, protocol.send_400_response = data_received, send_400_response
+    protocol.on_header, protocol.on_body = on_header, on_body_data
     protocol.hardened = True
 
 
