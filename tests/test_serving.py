@@ -170,6 +170,27 @@ def test_encoded_images_of_any_size_get_the_training_transform(model, trained_mo
         assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
 
 
+def test_pngs_with_the_metadata_and_frames_editors_write_are_answered(model):
+    """The PNG chunk limits (256 besides image data, 8 compressed, 256 KiB of text) leave what
+    real files carry: text, XMP, an ICC profile, EXIF, a 20-frame animation (its first frame)."""
+    from PIL import ImageCms, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(5):
+        info.add_text(f"k{i}", "v" * 1000, zip=i % 2 == 0)
+    info.add_itxt("XML:com.adobe.xmp", "<x/>" * 5000, zip=True)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rich, animated = io.BytesIO(), io.BytesIO()
+    sign = sign_image(14, random.Random(1))
+    sign.save(rich, format="PNG", pnginfo=info, icc_profile=icc, exif=Image.Exif())
+    frames = [sign_image(label, random.Random(label)).resize((40, 40)) for label in range(20)]
+    frames[0].save(animated, format="PNG", save_all=True, append_images=frames[1:])
+    answer = model.predict(model.preprocess(v1(image_instance(rich.getvalue()), image_instance(animated.getvalue()))))
+    plain = model.predict(model.preprocess(v1(image_instance(encode(sign, "PNG")),
+                                              image_instance(encode(frames[0], "PNG")))))
+    assert answer == plain                        # the same pixels: the metadata and later frames change nothing
+
+
 def test_real_gtsrb_images_match_the_evaluation_path(model, trained_model, sample_dir):
     files = sorted((sample_dir / "gtsrb" / "GTSRB" / "Final_Test" / "Images").glob("*.ppm"))[:4]
     images = [Image.open(f) for f in files]
