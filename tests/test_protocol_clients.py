@@ -296,7 +296,7 @@ def test_grpc_requests_kserve_would_misread_are_invalid_argument_with_bounded_me
             bytes_contents=[images[0]], int_contents=[1]))]), "input 'image': contents in 2 fields (int_contents, "
                                                                "bytes_contents); send the one field of datatype BYTES"),
         "an empty parameter": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(
-            content_type=pb.InferParameter())]), "input 'image': parameters.content_type has no value"),
+            content_type=pb.InferParameter())]), "input 'image': parameters.content_type has no value KServe reads"),
         "a long name": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name="n" * 20_000)]),
                         "... (20117 chars)"),
         "a forged log line": (pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(name=forged)]), "unknown input"),

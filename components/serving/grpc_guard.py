@@ -37,6 +37,10 @@ class Undecodable:
         self.error = error
 
 
+# KServe's InferParameter: a value in any other field (Triton's uint64_param, double_param) is unknown to it
+READABLE = "KServe reads (bool_param, int64_param or string_param)"
+
+
 def infer_problem(request: pb.ModelInferRequest) -> str | None:
     """Why a ModelInfer request is refused before KServe reads it, or None."""
     for field in ("inputs", "outputs"):
@@ -51,12 +55,12 @@ def infer_problem(request: pb.ModelInferRequest) -> str | None:
             return (f"{where}: contents in {len(filled)} fields ({', '.join(filled)}); send the one field of "
                     f"datatype {tensor.datatype[:20]}")
         if (empty := _empty_parameter(tensor.parameters)) is not None:
-            return f"{where}: parameters.{empty[:80]} has no value"
+            return f"{where}: parameters.{empty[:80]} has no value {READABLE}"
         if "binary_data_size" in tensor.parameters and (problem := _size_problem(request, i)) is not None:
             return f"{where}: {problem}"
     for output in request.outputs:
         if (empty := _empty_parameter(output.parameters)) is not None:
-            return f"output {output.name[:80]!r}: parameters.{empty[:80]} has no value"
+            return f"output {output.name[:80]!r}: parameters.{empty[:80]} has no value {READABLE}"
     return None
 
 
@@ -69,7 +73,7 @@ def _size_problem(request: pb.ModelInferRequest, i: int) -> str | None:
     if i >= len(request.raw_input_contents):
         return "parameters.binary_data_size goes with raw_input_contents; this input has none"
     size = len(request.raw_input_contents[i])
-    if kind not in ("int64_param", "uint64_param") or getattr(parameter, kind) != size:
+    if kind != "int64_param" or parameter.int64_param != size:
         return f"parameters.binary_data_size is not the size of its raw_input_contents ({size} bytes)"
     return None
 

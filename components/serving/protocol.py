@@ -45,6 +45,10 @@ JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-
 # sample against ~0.03 us a pixel for the others (a 1000x1000 one took 1.4 s): each pixel counts this many.
 PY_DECODER_COST = 256
 MAX_EXIF_BYTES = 65535                     # a JPEG's APP1 segment holds no more; a PNG eXIf chunk could
+# PIL parses each entry of the EXIF's first directory in Python (~1.4 us, twice that for one that
+# points past the end): 5,459 of them fit in 64 KB, and 64 such images held a worker for 1.5 s. A
+# camera writes tens.
+MAX_EXIF_ENTRIES = 256
 EXIF_PREFIX = b"Exif\0\0"                  # PIL's, before a PNG's eXIf bytes
 # Bytes before a JPEG's first scan that belong to no segment (fill 0xFF, 0xFF00 pairs, junk): PIL's
 # header parser steps through them one at a time in Python (a megabyte of fill: 635 ms).
@@ -164,17 +168,36 @@ def open_image(data: bytes, where: str) -> Image.Image:
 
 
 def check_metadata(image: Image.Image, where: str) -> None:
-    """EXIF, which reading the orientation parses tag by tag, at most :data:`MAX_EXIF_BYTES`: an
-    eXIf/APP1 block, or the hex "Raw profile type exif" text PIL reads when there is none (a
-    2.5 KB zTXt held 480 KB of it). Run on the header, and again once the pixels are loaded (a
-    PNG's chunks after its image data only arrive then)."""
+    """EXIF, which reading the orientation parses tag by tag, at most :data:`MAX_EXIF_BYTES` and
+    :data:`MAX_EXIF_ENTRIES` in its first directory: an eXIf/APP1 block, or the hex "Raw profile
+    type exif" text PIL reads when there is none (a 2.5 KB zTXt held 480 KB of it). Run on the
+    header, and again once the pixels are loaded (a PNG's chunks after its image data only arrive
+    then)."""
     exif = image.info.get("exif") or b""
     size = len(exif) - len(EXIF_PREFIX) if exif.startswith(EXIF_PREFIX) else len(exif)
     raw = image.info.get("Raw profile type exif")
-    if isinstance(raw, str):                    # as PIL reads it: hex lines after a 3-line preamble
-        size = max(size, sum(map(len, raw.split("\n")[3:])) // 2)
+    if isinstance(raw, str) and not exif:       # as PIL reads it: hex lines after a 3-line preamble
+        size = sum(map(len, raw.split("\n")[3:])) // 2
+        if size <= MAX_EXIF_BYTES:
+            try:
+                exif = bytes.fromhex("".join(raw.split("\n")[3:]))
+            except ValueError:
+                _fail(where, "EXIF as \"Raw profile type exif\" text that is not hexadecimal")
     if size > MAX_EXIF_BYTES:
         _fail(where, f"EXIF of {size} bytes; at most {MAX_EXIF_BYTES} (what a JPEG can carry)")
+    if (entries := exif_entries(exif)) > MAX_EXIF_ENTRIES:
+        _fail(where, f"EXIF whose first directory has {entries} entries; at most {MAX_EXIF_ENTRIES}")
+
+
+def exif_entries(exif: bytes) -> int:
+    """How many entries the first directory (IFD0) of an EXIF block declares (0 if it has none
+    readable): what PIL parses, one by one in Python, to find the orientation."""
+    tiff = exif[len(EXIF_PREFIX):] if exif.startswith(EXIF_PREFIX) else exif
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 0
+    order = "little" if tiff[:2] == b"II" else "big"
+    offset = int.from_bytes(tiff[4:8], order)
+    return int.from_bytes(tiff[offset:offset + 2], order) if offset + 2 <= len(tiff) else 0
 
 
 def jpeg_header_problem(data: bytes) -> str | None:
@@ -239,6 +262,8 @@ def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: tr
             image.load()
             check_metadata(image, where)
             normalizer.into(out, image)
+    except InvalidInput:                              # check_metadata's, already saying where
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
 
