@@ -454,6 +454,12 @@ BAD = {
         "POST", V1, {"instances": [{"image": {"b64": HUGE}}, {"image": {"b64": b64(png_split(1_100))}}]}, {}, 413,
         "instances[1].image.b64: a 32x32 PNG of 1102 chunks (PIL reads each in Python: past 1024 they count as 512 "
         "pixels each, 40960 in all) brings the request to 16818176 decoded pixels"),
+    "v1 a PPM with 100,000 bytes of comment in its header": (
+        "POST", V1, image(b64(b"P6\n#" + b"x" * 100_000 + b"\n1 1\n255\n" + bytes(3))), {}, 400,
+        "a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first 1024 bytes"),
+    "v1 a PPM with 100,000 newlines before its maxval": (
+        "POST", V1, image(b64(b"P6 1 1" + b"\n" * 100_000 + b"255\n" + bytes(3))), {}, 400,
+        "a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first 1024 bytes"),
     "v2 a body that is a JSON string": ("POST", V2, b'"x"', JSON, 400,
                                         "request: expected a JSON object with 'inputs', got str"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
