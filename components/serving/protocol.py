@@ -148,9 +148,9 @@ def decode_base64(value, where: str) -> bytes:
     return data
 
 
-def open_image(data: bytes, where: str) -> Image.Image:
-    """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size);
-    no pixel is decoded yet."""
+def open_image(data: bytes, where: str, budget: PixelBudget) -> Image.Image:
+    """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size)
+    and its decoding cost spent from the request's ``budget``; no pixel is decoded yet."""
     if data[:2] in (b"P1", b"P2", b"P3"):     # PIL reads their comments in quadratic time (600 KB: 2 s)
         _fail(where, "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG")
     if data[:1] == b"P" and len(data) > MAX_PNM_HEADER and not PNM_HEADER.match(data, 0, MAX_PNM_HEADER):
@@ -158,8 +158,11 @@ def open_image(data: bytes, where: str) -> Image.Image:
                      f"{MAX_PNM_HEADER} bytes (whitespace or comments)")
     if data.startswith(JPEG_SOI) and (problem := jpeg_header_problem(data)) is not None:
         _fail(where, problem)
-    if data.startswith(PNG_SIGNATURE) and (problem := png_chunks(data)[1]) is not None:
-        _fail(where, problem)
+    chunks = None
+    if data.startswith(PNG_SIGNATURE):
+        chunks, problem = png_chunks(data)
+        if problem is not None:
+            _fail(where, problem)
     try:                              # only these formats' header parsers ever see the bytes
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -177,6 +180,7 @@ def open_image(data: bytes, where: str) -> Image.Image:
     if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
         _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
     check_metadata(image, where)
+    budget.spend(image, data, where, chunks)
     return image
 
 
@@ -190,10 +194,11 @@ def check_metadata(image: Image.Image, where: str) -> None:
     size = len(exif) - len(EXIF_PREFIX) if exif.startswith(EXIF_PREFIX) else len(exif)
     raw = image.info.get("Raw profile type exif")
     if isinstance(raw, str) and not exif:       # as PIL reads it: hex lines after a 3-line preamble
-        size = sum(map(len, raw.split("\n")[3:])) // 2
+        lines = raw.split("\n")[3:]
+        size = sum(map(len, lines)) // 2
         if size <= MAX_EXIF_BYTES:
             try:
-                exif = bytes.fromhex("".join(raw.split("\n")[3:]))
+                exif = bytes.fromhex("".join(lines))
             except ValueError:
                 _fail(where, "EXIF as \"Raw profile type exif\" text that is not hexadecimal")
     if size > MAX_EXIF_BYTES:
@@ -288,8 +293,8 @@ class PixelBudget:
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
 
-    def spend(self, image: Image.Image, data: bytes, where: str) -> None:
-        cost, what = decode_cost(image, data)
+    def spend(self, image: Image.Image, data: bytes, where: str, png_chunk_count: int | None = None) -> None:
+        cost, what = decode_cost(image, data, png_chunk_count)
         self.used += cost
         if self.used > self.limit:
             raise RequestTooLarge(
@@ -297,18 +302,22 @@ class PixelBudget:
                 f"than the limit of {self.limit} pixels per request (all its images together)")
 
 
-def decode_cost(image: Image.Image, data: bytes) -> tuple[int, str]:
+def decode_cost(image: Image.Image, data: bytes, png_chunk_count: int | None = None) -> tuple[int, str]:
     """(the pixels decoding ``image`` counts as, what it is): width x height, more where the decoder
     does more per pixel: a JPEG (or MPO) of more than :data:`FREE_JPEG_SCANS` scans walks its
     pixels once per scan; a CMYK JPEG :data:`CMYK_JPEG_COST` each; a PGM/PPM on PIL's Python
     decoder costs :data:`PY_DECODER_COST` each; a PNG's chunks past :data:`FREE_PNG_CHUNKS` cost
-    :data:`PNG_CHUNK_COST` each."""
+    :data:`PNG_CHUNK_COST` each (``png_chunk_count``: :func:`png_chunks`' count, if the caller walked
+    them already)."""
     width, height = image.size
     pixels = width * height
     if data.startswith(JPEG_SOI) and (scans := data.count(JPEG_SOS)) > FREE_JPEG_SCANS:
         cost = pixels * scans // FREE_JPEG_SCANS
         return cost, f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
-    if data.startswith(PNG_SIGNATURE) and (chunks := png_chunks(data)[0]) > FREE_PNG_CHUNKS:
+    chunks = png_chunk_count
+    if chunks is None and data.startswith(PNG_SIGNATURE):
+        chunks = png_chunks(data)[0]
+    if chunks is not None and chunks > FREE_PNG_CHUNKS:
         cost = pixels + (chunks - FREE_PNG_CHUNKS) * PNG_CHUNK_COST
         return cost, (f"a {width}x{height} PNG of {chunks} chunks (PIL reads each in Python: past {FREE_PNG_CHUNKS} "
                       f"they count as {PNG_CHUNK_COST} pixels each, {cost} in all)")
@@ -514,9 +523,7 @@ def _v1_image(instance, where: str, budget: PixelBudget) -> tuple[Image.Image, s
         _fail(f"{where}.image", "expected {\"b64\": \"<base64 PNG/JPEG/PPM>\"}")
     where = f"{where}.image.b64"
     data = decode_base64(image["b64"], where)
-    opened = open_image(data, where)
-    budget.spend(opened, data, where)
-    return opened, where
+    return open_image(data, where, budget), where
 
 
 def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
@@ -568,9 +575,7 @@ def _v2_batch(request: InferRequest, sig: Signature) -> Batch:
     for i, value in enumerate(data):              # every header first: refused before decoding any image
         at = f"{where} data[{i}]"
         encoded = encoded_image(value, at)
-        image = open_image(encoded, at)
-        budget.spend(image, encoded, at)
-        images.append((i, image, at))
+        images.append((i, open_image(encoded, at, budget), at))
     x = np.empty((len(data), *sig.input_shape), dtype=np.float32)
     _decode_images(x, images, sig)
     return Batch(x, top_k, request)
