@@ -213,6 +213,24 @@ def test_malformed_binary_bodies_are_4xx_naming_the_problem(server):
     assert "generic_exception_handler" not in log and "Exception in ASGI application" not in log
 
 
+def test_an_answer_with_binary_tensors_says_it_is_octet_stream(server):
+    """The binary tensor extension's answer is JSON followed by raw tensors: application/octet-stream,
+    as the extension's own example answers (KServe sends none); a JSON answer stays JSON."""
+    body, length = binary_body(fp32_header(parameters={"binary_data_output": True}), ZEROS)
+    answer = requests.post(server.url + V2, data=body, timeout=30, headers={"Inference-Header-Content-Length": length})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    json_length = int(answer.headers["inference-header-content-length"])
+    header = json.loads(answer.content[:json_length])
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert len(answer.content) == json_length + sum(sizes)
+    class_id = np.frombuffer(answer.content[json_length:json_length + sizes[0]], dtype=np.int64)
+    assert 0 <= class_id[0] < 43
+    plain = requests.post(server.url + V2, data=GOOD_BODY, timeout=30,
+                          headers={"Inference-Header-Content-Length": GOOD_LENGTH})
+    assert plain.headers["content-type"] == "application/json"
+    assert "inference-header-content-length" not in plain.headers
+
+
 def test_json_without_a_content_type_or_with_a_charset_is_json(server):
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
                                    "data": [0.0] * 3072}]}).encode()

@@ -247,6 +247,13 @@ def png_with(chunks: bytes) -> bytes:
     return plain[:33] + chunks + plain[33:]
 
 
+def png_corrupted(kind: bytes) -> bytes:
+    """A 32x32 PNG with one byte of its ``kind`` chunk's data changed (its CRC no longer matches)."""
+    plain = png((32, 32))
+    at = plain.index(kind) + 4
+    return plain[:at] + bytes([plain[at] ^ 0x55]) + plain[at + 1:]
+
+
 def png_split(parts: int) -> bytes:
     """A 32x32 PNG whose image data is followed by ``parts`` - 1 empty image-data (IDAT) chunks."""
     plain = png((32, 32))
@@ -298,8 +305,9 @@ BAD = {
     "v1 b64 invalid": ("POST", V1, image("not*base64!"), {}, 400, "not valid base64"),
     "v1 zero-size image": ("POST", V1, image(""), {}, 400, "zero bytes"),
     "v1 undecodable image": ("POST", V1, image(b64(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)), {}, 400,
-                             "cannot decode image"),
-    "v1 truncated image": ("POST", V1, image(b64(png((200, 200), noise=True)[:20000])), {}, 400, "cannot decode image"),
+                             "a PNG whose first chunk is ageg, not IHDR"),
+    "v1 truncated image": ("POST", V1, image(b64(png((200, 200), noise=True)[:20000])), {}, 400,
+                           "a PNG cut short: its IDAT chunk runs past the end of the data"),
     "v1 unsupported format": ("POST", V1, image(b64(b"GIF89a" + b"\0" * 64)), {}, 400, "not a PNG, JPEG, PPM image"),
     "v1 image too large a side": ("POST", V1, image(b64(png((5000, 4000), "1"))), {}, 413,
                                   "a 5000x4000 image; this server decodes images of at most 4096 pixels a side"),
@@ -454,6 +462,16 @@ BAD = {
         "POST", V1, {"instances": [{"image": {"b64": HUGE}}, {"image": {"b64": b64(png_split(1_100))}}]}, {}, 413,
         "instances[1].image.b64: a 32x32 PNG of 1102 chunks (PIL reads each in Python: past 1024 they count as 512 "
         "pixels each, 40960 in all) brings the request to 16818176 decoded pixels"),
+    "v1 a PNG whose image data fails its CRC": ("POST", V1, image(b64(png_corrupted(b"IDAT"))), {}, 400,
+                                                "a PNG whose IDAT chunk (number 2) fails its CRC"),
+    "v1 a PNG whose header fails its CRC": ("POST", V1, image(b64(png_corrupted(b"IHDR"))), {}, 400,
+                                            "a PNG whose IHDR chunk (number 1) fails its CRC"),
+    "v1 a PNG without its IEND chunk": ("POST", V1, image(b64(png((32, 32))[:-12])), {}, 400,
+                                        "a PNG cut short after 2 chunks, without its IEND chunk"),
+    "v1 a PNG cut inside its image data": ("POST", V1, image(b64(png((32, 32))[:-20])), {}, 400,
+                                           "a PNG cut short: its IDAT chunk runs past the end of the data"),
+    "v1 a PNG with a chunk named in digits": ("POST", V1, image(b64(png_with(png_chunk(b"1234")))), {}, 400,
+                                              "a PNG whose chunk 2 is named '1234', not in ASCII letters"),
     "v1 a PPM with 100,000 bytes of comment in its header": (
         "POST", V1, image(b64(b"P6\n#" + b"x" * 100_000 + b"\n1 1\n255\n" + bytes(3))), {}, 400,
         "a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first 1024 bytes"),
@@ -474,7 +492,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 97
+    assert len(BAD) >= 110
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

@@ -336,7 +336,7 @@ BAD_REQUESTS = {
     "b64 as a data URL": (v1({"image": {"b64": "data:image/png;base64," + GOOD}}),
                           "not valid base64 (.*); send the base64 text alone, without the data: URL prefix"),
     "not an image": (v1({"image": {"b64": b64(b"hello world")}}), "cannot decode image"),
-    "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "cannot decode image"),
+    "truncated png": (v1({"image": {"b64": GOOD[:80]}}), "a PNG cut short"),
     "pfm (float pixels)": (v1({"image": {"b64": b64(b"Pf 4 4 -1.0\n" + bytes(64))}}), "floating-point PFM"),
     "gif": (v1({"image": {"b64": b64(encode(Image.new("RGB", (8, 8)), "GIF"))}}), "not a PNG, JPEG, PPM image"),
     "too large a side": (v1({"image": {"b64": b64(encode(Image.new("1", (5000, 4000)), "PNG"))}}), "a side"),

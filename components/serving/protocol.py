@@ -250,14 +250,31 @@ def jpeg_header_problem(data: bytes) -> str | None:
 
 
 def png_chunks(data: bytes) -> tuple[int, str | None]:
-    """(how many chunks a PNG has, why it is refused or None): more than :data:`MAX_PNG_CHUNKS`
-    chunks besides its image data, or more than :data:`MAX_PNG_INFLATED` compressed ones. Walks
-    the chunks by their lengths and stops at the first excess, or once the chunks alone would
-    spend a request's pixel budget (:func:`decode_cost`)."""
+    """(how many chunks a PNG has, why it is refused or None): a first chunk that is not IHDR; a
+    chunk that is cut short, is not named in ASCII letters or fails its CRC (a corrupt file: PIL
+    checks no CRC after the image data starts, and a bad one before it reads as "not a PNG"); no
+    IEND chunk (a file cut at a chunk's end); more than :data:`MAX_PNG_CHUNKS` chunks besides its
+    image data, or more than :data:`MAX_PNG_INFLATED` compressed ones. Walks the chunks by their
+    lengths and stops at the first problem, or once the chunks alone would spend a request's pixel
+    budget (:func:`decode_cost`). What follows IEND is not read, by PIL either. The CRCs of an 8 MB
+    PNG take ~1.5 ms."""
     pos, total, other, inflated, end = len(PNG_SIGNATURE), 0, 0, 0, len(data)
     most = FREE_PNG_CHUNKS + MAX_REQUEST_PIXELS // PNG_CHUNK_COST + 1
-    while pos + 8 <= end and total < most:
-        kind = data[pos + 4:pos + 8]
+    view = memoryview(data)
+    while total < most:
+        if pos + 12 > end:
+            return total, f"a PNG cut short after {total} chunks, without its IEND chunk (a truncated file?)"
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        name = kind.decode("latin-1")
+        if not kind.isalpha() or not kind.isascii():
+            return total, f"a PNG whose chunk {total + 1} is named {name!r}, not in ASCII letters (a corrupt file?)"
+        if total == 0 and kind != b"IHDR":
+            return total, f"a PNG whose first chunk is {name}, not IHDR (a corrupt file?)"
+        crc_at = pos + 8 + length
+        if crc_at + 4 > end:
+            return total, f"a PNG cut short: its {name} chunk runs past the end of the data (a truncated file?)"
+        if binascii.crc32(view[pos + 4:crc_at]) != int.from_bytes(data[crc_at:crc_at + 4], "big"):
+            return total, f"a PNG whose {name} chunk (number {total + 1}) fails its CRC (a corrupt file)"
         total += 1
         if kind != b"IDAT":
             other += 1
@@ -269,7 +286,7 @@ def png_chunks(data: bytes) -> tuple[int, str | None]:
                 return total, f"a PNG with more than {MAX_PNG_INFLATED} compressed chunks (iCCP, zTXt, iTXt)"
             if kind == b"IEND":
                 break
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        pos = crc_at + 4
     return total, None
 
 

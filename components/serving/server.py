@@ -101,7 +101,7 @@ class RequestGuard:
         async def replay_receive():
             return replay.pop() if replay else await receive()
 
-        return await self.app(scope, replay_receive, send)
+        return await self.app(scope, replay_receive, typed_binary_answer(send) if _v2_infer(scope) else send)
 
     async def _read_body(self, receive) -> bytearray | None:
         """The whole body, or its first bytes past the limit (a chunked body has no content-length:
@@ -141,6 +141,19 @@ class RequestGuard:
                 if idle >= self.body_timeout_s:
                     raise BodyTooSlow(f"the request body stopped arriving: nothing for {self.body_timeout_s:g} "
                                       f"seconds after {received} bytes") from None
+
+
+def typed_binary_answer(send):
+    """``send``, giving a V2 answer with binary tensors (the extension's header) the Content-Type
+    the binary tensor extension shows, application/octet-stream; KServe sends such an answer with
+    none."""
+    async def typed(message):
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            if RequestGuard.BINARY_HEADER in names and b"content-type" not in names:
+                message = {**message, "headers": [*message["headers"], (b"content-type", b"application/octet-stream")]}
+        await send(message)
+    return typed
 
 
 class BodyTooSlow(Exception):
