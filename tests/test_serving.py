@@ -191,6 +191,19 @@ def test_pngs_with_the_metadata_and_frames_editors_write_are_answered(model):
     assert answer == plain                        # the same pixels: the metadata and later frames change nothing
 
 
+def test_a_multi_picture_jpeg_is_answered_for_its_first_picture(model):
+    """An MPO (a camera's stereo or preview JPEG: an APP2 "MPF" index of a few entries) passes the
+    MPF entry limit and is answered as its first picture."""
+    first, second = sign_image(3, random.Random(3)), sign_image(9, random.Random(9))
+    mpo = io.BytesIO()
+    first.save(mpo, format="MPO", save_all=True, append_images=[second], quality=95)
+    assert b"MPF\0" in mpo.getvalue()
+    single = io.BytesIO()
+    first.save(single, format="JPEG", quality=95)
+    assert model.predict(model.preprocess(v1(image_instance(mpo.getvalue())))) == \
+        model.predict(model.preprocess(v1(image_instance(single.getvalue()))))
+
+
 def test_a_cmyk_jpeg_counts_twice_its_pixels(model):
     """A 4096x4096 CMYK progressive JPEG took 0.69 s and +210 MB (a coefficient plane per component,
     then PIL's conversion to RGB): its pixels count twice in the request's budget."""

@@ -55,6 +55,10 @@ EXIF_PREFIX = b"Exif\0\0"                  # PIL's, before a PNG's eXIf bytes
 MAX_JPEG_JUNK = 4096
 MAX_JPEG_SEGMENTS = 1024                   # a camera's JPEG has tens (175,000 APPn segments: 0.41 s)
 JPEG_FILL = re.compile(rb"\xff+")
+# A JPEG's APP2 "MPF" segment (a multi-picture index, as an MPO's) is a TIFF directory that PIL parses
+# entry by entry in Python when it opens the file: 64 JPEGs of 5,455 entries each held a worker for
+# 2.5 s. It has MAX_EXIF_ENTRIES at most, as EXIF's first directory (a camera's MPO has about 3).
+JPEG_MPF = b"MPF\0"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PIL's PNG parser handles each chunk in Python (480,000 empty chunks: 1.4 s) and inflates every
 # iCCP, zTXt and iTXt chunk, keeping the text: 63 zTXt chunks of 1 MB each (PIL's limits) in each
@@ -221,7 +225,8 @@ def exif_entries(exif: bytes) -> int:
 def jpeg_header_problem(data: bytes) -> str | None:
     """Why a JPEG's header (up to its first scan) would cost PIL's Python parser more than a real
     camera's, or None: more than :data:`MAX_JPEG_JUNK` bytes that belong to no segment (fill 0xFF,
-    0xFF00 pairs, junk), or more than :data:`MAX_JPEG_SEGMENTS` segments. Walks the segments by
+    0xFF00 pairs, junk), more than :data:`MAX_JPEG_SEGMENTS` segments, or an MPF directory of more
+    than :data:`MAX_EXIF_ENTRIES` entries. Walks the segments by
     their lengths and stops at the first excess, so it costs at most a few thousand steps."""
     pos, junk, segments, end = 2, 0, 0, len(data)
     while pos < end - 1 and junk <= MAX_JPEG_JUNK:
@@ -242,7 +247,12 @@ def jpeg_header_problem(data: bytes) -> str | None:
             junk += 2 * (marker == 0x00)
             pos += 2
             continue
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE2 and data[pos + 4:pos + 8] == JPEG_MPF:          # PIL parses it as it opens the file
+            if (entries := exif_entries(data[pos + 8:pos + 2 + length])) > MAX_EXIF_ENTRIES:
+                return (f"a JPEG whose MPF (multi-picture) directory has {entries} entries; at most "
+                        f"{MAX_EXIF_ENTRIES}")
+        pos += 2 + length
     if junk > MAX_JPEG_JUNK:
         return (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header segments before its first scan "
                 "(fill bytes or junk)")
