@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
-from kserve import InferInput, InferRequest
+from kserve import InferInput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image
@@ -837,6 +837,29 @@ def test_binary_and_grpc_requests_answer_like_json(model):
     request = binary.parse_request(header + x.tobytes(), str(len(header)), "gtsrb")
     assert (model.predict(model.preprocess(request)).to_rest()[0]
             == model.predict(model.preprocess(as_json)).to_rest()[0])
+
+
+def test_grpc_answers_only_the_requested_outputs_in_their_order_as_rest_does(model):
+    """KServe's gRPC answer carried every output whatever was requested: a client that asked for
+    ``probability`` alone and read raw_output_contents[0] got class_id's INT64 bytes."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    png = encode(sign_image(5, random.Random(5)), "PNG")
+    raw = len(png).to_bytes(4, "little") + png
+    everything = model.predict(model.preprocess(v2(data=(b64(png),), parameters={"top_k": 2}))).to_rest()[0]
+    want = {o["name"]: o["data"] for o in everything["outputs"]}
+    for names in (["probability"], ["top_k_class_id", "class_id"]):
+        request = pb.ModelInferRequest(
+            model_name="gtsrb", raw_input_contents=[raw],
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in names],
+            parameters={"top_k": pb.InferParameter(int64_param=2)})
+        response = model.predict(model.preprocess(InferRequest.from_grpc(request))).to_grpc()
+        assert [o.name for o in response.outputs] == names
+        assert len(response.raw_output_contents) in (0, len(names))
+        answered = InferResponse.from_grpc(response)
+        assert {o.name: o.as_numpy().ravel().tolist() for o in answered.outputs} == \
+            {name: pytest.approx(want[name], abs=1e-6) for name in names}
 
 
 def test_grpc_parameter_values_kserve_cannot_read_are_refused(model):

@@ -640,6 +640,9 @@ def answer(batch: Batch, ids: list[list[int]], probs: list[list[float]], class_n
     if k:
         outputs += [InferOutput("top_k_class_id", [n, k], "INT64", [c for row in ids for c in row]),
                     InferOutput("top_k_probability", [n, k], "FP32", [p for row in probs for p in row])]
+    if batch.v2.request_outputs:      # only those, in that order (KServe's gRPC answer would carry them all)
+        by_name = {output.name: output for output in outputs}
+        outputs = [by_name[requested.name] for requested in batch.v2.request_outputs]
     return InferResponse(response_id=batch.v2.id or "", model_name=model_name, infer_outputs=outputs,
                          requested_outputs=batch.v2.request_outputs, use_binary_outputs=batch.v2.use_binary_outputs)
 
