@@ -550,6 +550,33 @@ def test_a_request_the_http_parser_refuses_is_a_json_400(server, request_line):
     assert requests.post(f"{server.url}{V1}", json=good_v1(), timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("host, message", [
+    (None, "an HTTP/1.1 request needs a Host header"),
+    (b"Host: a.example\r\nHost: b.example\r\n", "header host is given more than once; send it once"),
+    (b"Host: a b\r\n", "Host 'a b' is not a host name or address with an optional port"),
+    (b"Host: user@evil:80\r\n", "Host 'user@evil:80' is not a host name"),
+    (b"Host: [::1\r\n", "Host '[::1' is not a host name"),
+    (b"Host: a/x\r\n", "Host 'a/x' is not a host name")])
+def test_an_http11_request_without_one_valid_host_is_a_400(server, host, message):
+    """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request with no Host, two Host lines or
+    an invalid Host (a proxy in front could route by another host than the one this server reads)."""
+    body = json.dumps(good_v1()).encode()
+    status, headers, answer = raw_exchange(server, b"POST /v1/models/gtsrb:predict HTTP/1.1\r\n" + (host or b"")
+                                           + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert status == "HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+    assert json.loads(answer)["error"].startswith(message)
+
+
+@pytest.mark.parametrize("start", [b"GET /v2/health/ready HTTP/1.0\r\n",                    # 1.0: Host optional
+                                   b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]:8080\r\n",
+                                   b"GET /v2/health/ready HTTP/1.1\r\nHost: 10.244.0.5:8080\r\n",
+                                   b"GET /v2/health/ready HTTP/1.1\r\nHost: gtsrb-predictor.ns.svc.cluster.local\r\n",
+                                   b"GET /v2/health/ready HTTP/1.1\r\nHost: \r\n"])       # empty: no authority
+def test_valid_host_forms_are_answered(server, start):
+    status, _, answer = raw_exchange(server, start + b"Connection: close\r\n\r\n")
+    assert status.endswith("200 OK"), (status, answer)
+
+
 @pytest.mark.parametrize("twice, header", [
     (b"Content-Encoding: gzip\r\nContent-Encoding: identity\r\n", "content-encoding"),
     (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", "transfer-encoding"),

@@ -16,6 +16,7 @@ import asyncio
 import copy
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ class RequestGuard:
         if len(headers) < len(scope["headers"]) and (twice := _repeated(scope["headers"])):
             return await send_error(scope, send, 400, f"header {twice} is given more than once; send it once",
                                     [CLOSE])
+        if (wrong := host_problem(scope, headers)) is not None:
+            return await send_error(scope, send, 400, wrong, [CLOSE])
         if scope["method"] not in ("POST", "PUT"):
             if declares_body(scope):
                 return await send_error(scope, send, 400, f"a {scope['method']} request has no body here; send "
@@ -163,7 +166,22 @@ class BodyTooSlow(Exception):
 # Headers that decide how the body is read: given twice, the guard (the last value) and the parser
 # or KServe (the first, or both joined) would read the body differently.
 SINGLE_HEADERS = (b"content-length", b"content-type", b"content-encoding", b"transfer-encoding",
-                  RequestGuard.BINARY_HEADER)
+                  RequestGuard.BINARY_HEADER, b"host")
+# RFC 9112 3.2: Host is uri-host [":" port]; uri-host an IP literal in brackets, or a reg-name / IPv4
+# address (unreserved, percent-encoded and sub-delims characters; empty when the target has no authority).
+HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+
+
+def host_problem(scope, headers: dict) -> str | None:
+    """Why a request's Host header is refused, or None (RFC 9112 3.2: a server MUST answer 400 to an
+    HTTP/1.1 request without Host, with two Host lines, which :data:`SINGLE_HEADERS` refuses, or with
+    an invalid Host: a proxy in front and this server could each take another host)."""
+    host = headers.get(b"host")
+    if host is None:
+        return "an HTTP/1.1 request needs a Host header" if scope.get("http_version") == "1.1" else None
+    if not HOST.fullmatch(host):
+        return f"Host {host[:100].decode(errors='replace')!r} is not a host name or address with an optional port"
+    return None
 
 
 def _repeated(headers: list[tuple[bytes, bytes]]) -> str | None:
