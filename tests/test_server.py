@@ -261,6 +261,14 @@ def png_corrupted(kind: bytes) -> bytes:
     return plain[:at] + bytes([plain[at] ^ 0x55]) + plain[at + 1:]
 
 
+def png_made(width: int, height: int, colour: int, rows: list[bytes], extra: bytes = b"", tail: bytes = b"") -> bytes:
+    """An 8-bit PNG written chunk by chunk: IHDR, ``extra`` chunks, one IDAT of ``rows`` (each a
+    filter byte then its pixels) deflated with ``tail`` after the stream, IEND."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + extra
+            + png_chunk(b"IDAT", zlib.compress(b"".join(rows)) + tail) + png_chunk(b"IEND"))
+
+
 def png_split(parts: int) -> bytes:
     """A 32x32 PNG whose image data is followed by ``parts`` - 1 empty image-data (IDAT) chunks."""
     plain = png((32, 32))
@@ -481,12 +489,31 @@ BAD = {
                                            "a PNG cut short: its IDAT chunk runs past the end of the data"),
     "v1 a PNG with a chunk named in digits": ("POST", V1, image(b64(png_with(png_chunk(b"1234")))), {}, 400,
                                               "a PNG whose chunk 2 is named '1234', not in ASCII letters"),
+    "v1 a PNG whose image data holds 3 of its 8 rows": (
+        "POST", V1, image(b64(png_made(8, 8, 0, [b"\0" + bytes(8)] * 3))), {}, 400,
+        "a PNG whose image data inflates to 27 bytes where its 8x8 header needs 72 (rows missing)"),
+    "v1 a PNG with data after its image data's zlib stream": (
+        "POST", V1, image(b64(png_made(8, 8, 0, [b"\0" + bytes(8)] * 8, tail=b"junk"))), {}, 400,
+        "a PNG with data after the end of its image data's zlib stream"),
+    "v1 a palette PNG without its palette": ("POST", V1, image(b64(png_made(8, 8, 3, [b"\0" + bytes(8)] * 8))), {},
+                                             400, "a palette PNG (colour type 3) without its PLTE chunk"),
+    "v1 a palette PNG with an index past its palette": (
+        "POST", V1, image(b64(png_made(8, 8, 3, [b"\0" + bytes([200] * 8)] * 8, png_chunk(b"PLTE", bytes(6))))), {},
+        400, "a palette image with a pixel of index 200; its palette has 2 entries"),
+    "v1 a PNG with an unknown critical chunk": ("POST", V1, image(b64(png_with(png_chunk(b"ABCD")))), {}, 400,
+                                                "a PNG with an unknown critical chunk ABCD"),
+    "v1 a PIL-only PyRGBA image": ("POST", V1, image(b64(b"PyRGBA 1 1 255\n" + bytes(4))), {}, 400,
+                                   "a 'PyRGBA' image, not a Netpbm type this server reads; send P4, P5 or P6"),
+    "v1 a PGM with a sample above its maxval": ("POST", V1, image(b64(b"P5 2 2 100\n" + bytes([0, 50, 200, 7]))), {},
+                                                400, "a PGM/PPM with a sample of 200 above its maxval 100"),
+    "v1 a PPM whose width is '+8'": ("POST", V1, image(b64(b"P6 +8 1 255\n" + bytes(24))), {}, 400,
+                                     "a PBM/PGM/PPM whose header is not its type then width, height and maxval"),
     "v1 a PPM with 100,000 bytes of comment in its header": (
         "POST", V1, image(b64(b"P6\n#" + b"x" * 100_000 + b"\n1 1\n255\n" + bytes(3))), {}, 400,
-        "a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first 1024 bytes"),
+        "each followed by whitespace, ending within its first 1024 bytes"),
     "v1 a PPM with 100,000 newlines before its maxval": (
         "POST", V1, image(b64(b"P6 1 1" + b"\n" * 100_000 + b"255\n" + bytes(3))), {}, 400,
-        "a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first 1024 bytes"),
+        "each followed by whitespace, ending within its first 1024 bytes"),
     "v2 a body that is a JSON string": ("POST", V2, b'"x"', JSON, 400,
                                         "request: expected a JSON object with 'inputs', got str"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
@@ -501,7 +528,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 111
+    assert len(BAD) >= 119
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

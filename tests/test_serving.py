@@ -8,8 +8,10 @@ import os
 import pickle
 import random
 import shutil
+import struct
 import time
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -189,6 +191,45 @@ def test_pngs_with_the_metadata_and_frames_editors_write_are_answered(model):
     plain = model.predict(model.preprocess(v1(image_instance(encode(sign, "PNG")),
                                               image_instance(encode(frames[0], "PNG")))))
     assert answer == plain                        # the same pixels: the metadata and later frames change nothing
+
+
+def adam7_png(image: Image.Image) -> bytes:
+    """``image`` (RGB) as an interlaced PNG: Adam7's seven passes, each row filter 0 (PIL writes no
+    interlaced PNG)."""
+    pixels = np.asarray(image.convert("RGB"))
+    rows = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        sub = pixels[y0::dy, x0::dx]
+        if sub.size:
+            rows += b"".join(b"\0" + row.tobytes() for row in sub)
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, 2, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_valid_pngs_and_pnms_of_every_kind_pass_the_file_checks(model):
+    """The file checks (chunk CRCs, palette, tRNS, image data inflating to exactly the rows; PNM
+    header and maxval) refuse broken files only: interlaced, palette (with and without
+    transparency), 1-bit, grey + alpha, 16-bit PNGs and PGM/PPMs of other maxvals are answered, the
+    interlaced one as its plain twin."""
+    sign = sign_image(12, random.Random(12)).resize((37, 29))
+    plain = model.predict(model.preprocess(v1(image_instance(encode(sign, "PNG")))))
+    assert model.predict(model.preprocess(v1(image_instance(adam7_png(sign))))) == plain
+    palette = sign.convert("P", palette=Image.Palette.ADAPTIVE, colors=7)
+    transparent = io.BytesIO()
+    palette.save(transparent, format="PNG", transparency=3)
+    grey16 = Image.fromarray(np.asarray(sign.convert("L"), dtype=np.uint16) * 257)
+    images = [encode(palette, "PNG"), transparent.getvalue(), encode(sign.convert("1"), "PNG"),
+              encode(sign.convert("LA"), "PNG"), encode(grey16, "PNG"), encode(sign.convert("RGBA"), "PNG"),
+              b"P5 2 2 100\n" + bytes([0, 50, 100, 7]), b"P5 1 2 1000\n" + (1000).to_bytes(2, "big") * 2,
+              b"P6\n# a comment\n1 1\n# another\n255\n" + bytes(3), b"P4 8 1\n\xf0"]
+    for data in images:
+        (prediction,) = model.predict(model.preprocess(v1(image_instance(data))))["predictions"]
+        assert 0 <= prediction["class_id"] < 43 and 0 < prediction["probability"] <= 1, data[:20]
 
 
 def test_a_multi_picture_jpeg_is_answered_for_its_first_picture(model):

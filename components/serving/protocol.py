@@ -32,6 +32,18 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from components import transforms
 from components.serving import binary
+from components.serving.imagefile import (
+    EXIF_PREFIX,
+    JPEG_SOI,
+    JPEG_SOS,
+    MAX_EXIF_ENTRIES,
+    PNG_SIGNATURE,
+    exif_entries,
+    jpeg_header_problem,
+    png_chunks,
+    png_data_problem,
+    pnm_problem,
+)
 
 MAX_REQUEST_PIXELS = 4096 * 4096           # decoded pixels per request, all its images together
 MAX_SIDE = 4096                            # pixels, either side of one image: 1 x 16M decodes 10-20x slower than 4096^2
@@ -39,50 +51,24 @@ MAX_SIDE = 4096                            # pixels, either side of one image: 1
 # progressive colour image), each scan counts as the image's pixels again in the request's budget.
 # A 99 KB 4096x4096 JPEG of 1,000 scans took 14 s to decode.
 FREE_JPEG_SCANS = 20
-JPEG_SOI = b"\xff\xd8\xff"                # a JPEG's first bytes, also an MPO's (PIL's JPEG with a picture index)
-JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-coded data (0xFF is stuffed)
 # A PGM/PPM whose maxval is not 255 (nor 65535 for grey) goes through PIL's Python decoder, ~1.3 us a
 # sample against ~0.03 us a pixel for the others (a 1000x1000 one took 1.4 s): each pixel counts this many.
 PY_DECODER_COST = 256
 MAX_EXIF_BYTES = 65535                     # a JPEG's APP1 segment holds no more; a PNG eXIf chunk could
-# PIL parses each entry of the EXIF's first directory in Python (~1.4 us, twice that for one that
-# points past the end): 5,459 of them fit in 64 KB, and 64 such images held a worker for 1.5 s. A
-# camera writes tens.
-MAX_EXIF_ENTRIES = 256
-EXIF_PREFIX = b"Exif\0\0"                  # PIL's, before a PNG's eXIf bytes
-# Bytes before a JPEG's first scan that belong to no segment (fill 0xFF, 0xFF00 pairs, junk): PIL's
-# header parser steps through them one at a time in Python (a megabyte of fill: 635 ms).
-MAX_JPEG_JUNK = 4096
-MAX_JPEG_SEGMENTS = 1024                   # a camera's JPEG has tens (175,000 APPn segments: 0.41 s)
-JPEG_FILL = re.compile(rb"\xff+")
-# A JPEG's APP2 "MPF" segment (a multi-picture index, as an MPO's) is a TIFF directory that PIL parses
-# entry by entry in Python when it opens the file: 64 JPEGs of 5,455 entries each held a worker for
-# 2.5 s. It has MAX_EXIF_ENTRIES at most, as EXIF's first directory (a camera's MPO has about 3).
-JPEG_MPF = b"MPF\0"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PIL's PNG parser handles each chunk in Python (480,000 empty chunks: 1.4 s) and inflates every
-# iCCP, zTXt and iTXt chunk, keeping the text: 63 zTXt chunks of 1 MB each (PIL's limits) in each
-# of 64 tiny PNGs held 4 GB. A PNG may have at most MAX_PNG_CHUNKS chunks besides its image data
-# (IDAT), MAX_PNG_INFLATED of them compressed, each inflating to at most PNG_TEXT_BYTES (PIL's
-# MAX_TEXT_CHUNK), and all its text together at most PNG_TEXT_BYTES (PIL's MAX_TEXT_MEMORY; 64 KB
-# of EXIF as "Raw profile type exif" hex text takes 130 KB). Image-data chunks past FREE_PNG_CHUNKS
-# count as PNG_CHUNK_COST pixels each in the request's budget.
-MAX_PNG_CHUNKS = 256
-MAX_PNG_INFLATED = 8
+# PIL inflates every iCCP, zTXt and iTXt chunk of a PNG, keeping the text, each to at most
+# PNG_TEXT_BYTES (PIL's MAX_TEXT_CHUNK), and all its text together to at most PNG_TEXT_BYTES (PIL's
+# MAX_TEXT_MEMORY; 64 KB of EXIF as "Raw profile type exif" hex text takes 130 KB). PIL handles each
+# chunk in Python: image-data chunks past FREE_PNG_CHUNKS count as PNG_CHUNK_COST pixels each in the
+# request's budget.
 PNG_TEXT_BYTES = 256 * 1024
 FREE_PNG_CHUNKS = 1024
 PNG_CHUNK_COST = 512
+MOST_PNG_CHUNKS = FREE_PNG_CHUNKS + MAX_REQUEST_PIXELS // PNG_CHUNK_COST + 1   # more spend any budget
 PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 # PIL warns about what a client sent (a corrupt EXIF tag, a large image) on stderr, a line or two
 # per tag: 5,000 bad tags in a 60 KB EXIF wrote 10,000 log lines. This server checks images itself
 # and logs one line per refusal, so PIL's warnings are not printed.
 warnings.filterwarnings("ignore", module=r"PIL\.")
-# A PNM's header (magic, width, height, maxval, with any whitespace and '#' comments between) is read
-# by PIL a byte at a time in Python (~190 ns a byte): a 1x1 PPM with 8 MB of comment took 1.4 s. It
-# must end within this many bytes.
-MAX_PNM_HEADER = 1024
-PNM_TOKEN = rb"(?:[ \t\n\r\x0b\x0c]|#[^\r\n]*[\r\n])*[^ \t\n\r\x0b\x0c#]{1,10}"
-PNM_HEADER = re.compile(rb"P[14](?:%s){2}|P[2356fF](?:%s){3}" % (PNM_TOKEN, PNM_TOKEN))   # bitmaps have no maxval
 # libjpeg keeps a coefficient plane per component for a progressive JPEG and PIL converts CMYK to RGB
 # after it: a 4096x4096 CMYK progressive JPEG took 0.69 s and +210 MB. A 4-component JPEG's pixels
 # count this many times.
@@ -155,18 +141,16 @@ def decode_base64(value, where: str) -> bytes:
 def open_image(data: bytes, where: str, budget: PixelBudget) -> Image.Image:
     """Encoded PNG/JPEG/PPM bytes -> a PIL image with its header read and checked (format, size)
     and its decoding cost spent from the request's ``budget``; no pixel is decoded yet."""
-    if data[:2] in (b"P1", b"P2", b"P3"):     # PIL reads their comments in quadratic time (600 KB: 2 s)
-        _fail(where, "a plain (ASCII) PBM/PGM/PPM image; send it binary (P4/P5/P6), or as PNG or JPEG")
-    if data[:1] == b"P" and len(data) > MAX_PNM_HEADER and not PNM_HEADER.match(data, 0, MAX_PNM_HEADER):
-        _fail(where, f"a PBM/PGM/PPM whose header (width, height, maxval) does not end within its first "
-                     f"{MAX_PNM_HEADER} bytes (whitespace or comments)")
-    if data.startswith(JPEG_SOI) and (problem := jpeg_header_problem(data)) is not None:
+    png, problem = None, None
+    if data.startswith(JPEG_SOI):
+        problem = jpeg_header_problem(data)
+    elif data.startswith(PNG_SIGNATURE):
+        png = png_chunks(data, MOST_PNG_CHUNKS)
+        problem = png.problem
+    elif data[:1] == b"P":
+        problem = pnm_problem(data)
+    if problem is not None:
         _fail(where, problem)
-    chunks = None
-    if data.startswith(PNG_SIGNATURE):
-        chunks, problem = png_chunks(data)
-        if problem is not None:
-            _fail(where, problem)
     try:                              # only these formats' header parsers ever see the bytes
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -181,10 +165,10 @@ def open_image(data: bytes, where: str, budget: PixelBudget) -> Image.Image:
     if width > MAX_SIDE or height > MAX_SIDE:
         raise RequestTooLarge(f"{where}: a {width}x{height} image; this server decodes images of at most "
                               f"{MAX_SIDE} pixels a side")
-    if image.mode == "F":             # PIL's PPM plugin also reads PFM: float pixels, no 8-bit meaning
-        _fail(where, "a floating-point PFM image; send an 8- or 16-bit PNG, JPEG or PPM")
     check_metadata(image, where)
-    budget.spend(image, data, where, chunks)
+    budget.spend(image, data, where, png.chunks if png else None)
+    if png is not None and (problem := png_data_problem(png)) is not None:    # its size is within the limits
+        _fail(where, problem)
     return image
 
 
@@ -211,106 +195,27 @@ def check_metadata(image: Image.Image, where: str) -> None:
         _fail(where, f"EXIF whose first directory has {entries} entries; at most {MAX_EXIF_ENTRIES}")
 
 
-def exif_entries(exif: bytes) -> int:
-    """How many entries the first directory (IFD0) of an EXIF block declares (0 if it has none
-    readable): what PIL parses, one by one in Python, to find the orientation."""
-    tiff = exif[len(EXIF_PREFIX):] if exif.startswith(EXIF_PREFIX) else exif
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 0
-    order = "little" if tiff[:2] == b"II" else "big"
-    offset = int.from_bytes(tiff[4:8], order)
-    return int.from_bytes(tiff[offset:offset + 2], order) if offset + 2 <= len(tiff) else 0
-
-
-def jpeg_header_problem(data: bytes) -> str | None:
-    """Why a JPEG's header (up to its first scan) would cost PIL's Python parser more than a real
-    camera's, or None: more than :data:`MAX_JPEG_JUNK` bytes that belong to no segment (fill 0xFF,
-    0xFF00 pairs, junk), more than :data:`MAX_JPEG_SEGMENTS` segments, or an MPF directory of more
-    than :data:`MAX_EXIF_ENTRIES` entries. Walks the segments by
-    their lengths and stops at the first excess, so it costs at most a few thousand steps."""
-    pos, junk, segments, end = 2, 0, 0, len(data)
-    while pos < end - 1 and junk <= MAX_JPEG_JUNK:
-        if data[pos] != 0xFF:                        # junk: up to the next 0xFF
-            following = data.find(b"\xff", pos)
-            following = end if following < 0 else following
-            junk, pos = junk + following - pos, following
-            continue
-        last = JPEG_FILL.match(data, pos).end() - 1  # fill bytes: the last 0xFF starts the marker
-        junk, pos = junk + last - pos, last
-        if pos + 1 >= end or data[pos + 1] == 0xDA:  # start of scan: the header ends
-            break
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:
-            return f"a JPEG with more than {MAX_JPEG_SEGMENTS} segments before its first scan"
-        marker = data[pos + 1]
-        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:   # no length field
-            junk += 2 * (marker == 0x00)
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xE2 and data[pos + 4:pos + 8] == JPEG_MPF:          # PIL parses it as it opens the file
-            if (entries := exif_entries(data[pos + 8:pos + 2 + length])) > MAX_EXIF_ENTRIES:
-                return (f"a JPEG whose MPF (multi-picture) directory has {entries} entries; at most "
-                        f"{MAX_EXIF_ENTRIES}")
-        pos += 2 + length
-    if junk > MAX_JPEG_JUNK:
-        return (f"a JPEG with more than {MAX_JPEG_JUNK} bytes outside its header segments before its first scan "
-                "(fill bytes or junk)")
-    return None
-
-
-def png_chunks(data: bytes) -> tuple[int, str | None]:
-    """(how many chunks a PNG has, why it is refused or None): a first chunk that is not IHDR; a
-    chunk that is cut short, is not named in ASCII letters or fails its CRC (a corrupt file: PIL
-    checks no CRC after the image data starts, and a bad one before it reads as "not a PNG"); no
-    IEND chunk (a file cut at a chunk's end); more than :data:`MAX_PNG_CHUNKS` chunks besides its
-    image data, or more than :data:`MAX_PNG_INFLATED` compressed ones. Walks the chunks by their
-    lengths and stops at the first problem, or once the chunks alone would spend a request's pixel
-    budget (:func:`decode_cost`). What follows IEND is not read, by PIL either. The CRCs of an 8 MB
-    PNG take ~1.5 ms."""
-    pos, total, other, inflated, end = len(PNG_SIGNATURE), 0, 0, 0, len(data)
-    most = FREE_PNG_CHUNKS + MAX_REQUEST_PIXELS // PNG_CHUNK_COST + 1
-    view = memoryview(data)
-    while total < most:
-        if pos + 12 > end:
-            return total, f"a PNG cut short after {total} chunks, without its IEND chunk (a truncated file?)"
-        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
-        name = kind.decode("latin-1")
-        if not kind.isalpha() or not kind.isascii():
-            return total, f"a PNG whose chunk {total + 1} is named {name!r}, not in ASCII letters (a corrupt file?)"
-        if total == 0 and kind != b"IHDR":
-            return total, f"a PNG whose first chunk is {name}, not IHDR (a corrupt file?)"
-        crc_at = pos + 8 + length
-        if crc_at + 4 > end:
-            return total, f"a PNG cut short: its {name} chunk runs past the end of the data (a truncated file?)"
-        if binascii.crc32(view[pos + 4:crc_at]) != int.from_bytes(data[crc_at:crc_at + 4], "big"):
-            return total, f"a PNG whose {name} chunk (number {total + 1}) fails its CRC (a corrupt file)"
-        total += 1
-        if kind != b"IDAT":
-            other += 1
-            if other > MAX_PNG_CHUNKS:
-                return total, (f"a PNG with more than {MAX_PNG_CHUNKS} chunks besides its image data "
-                               "(an animation? send one frame)")
-            inflated += kind in (b"iCCP", b"zTXt", b"iTXt")
-            if inflated > MAX_PNG_INFLATED:
-                return total, f"a PNG with more than {MAX_PNG_INFLATED} compressed chunks (iCCP, zTXt, iTXt)"
-            if kind == b"IEND":
-                break
-        pos = crc_at + 4
-    return total, None
-
-
 def decode_image(image: Image.Image, where: str, out: np.ndarray, normalizer: transforms.Normalizer) -> None:
     """An opened image -> ``out`` (float32 3x32x32) through the training transform, normalized."""
     try:
         with image:
             image.load()
             check_metadata(image, where)
+            check_palette(image, where)
             normalizer.into(out, image)
     except InvalidInput:                              # check_metadata's, already saying where
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         _fail(where, f"cannot decode image ({type(e).__name__}: {e})")
+
+
+def check_palette(image: Image.Image, where: str) -> None:
+    """A palette image's pixels must index its palette (PIL shows an index past a PNG's PLTE as
+    black; the PNG specification calls it an error). One pass over the decoded indices."""
+    if image.mode == "P" and image.palette is not None:
+        entries = len(image.palette.palette) // len(image.palette.mode)
+        if entries < 256 and (largest := int(np.asarray(image).max())) >= entries:
+            _fail(where, f"a palette image with a pixel of index {largest}; its palette has {entries} entries")
 
 
 class PixelBudget:
@@ -343,7 +248,7 @@ def decode_cost(image: Image.Image, data: bytes, png_chunk_count: int | None = N
         return cost, f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
     chunks = png_chunk_count
     if chunks is None and data.startswith(PNG_SIGNATURE):
-        chunks = png_chunks(data)[0]
+        chunks = png_chunks(data, MOST_PNG_CHUNKS).chunks
     if chunks is not None and chunks > FREE_PNG_CHUNKS:
         cost = pixels + (chunks - FREE_PNG_CHUNKS) * PNG_CHUNK_COST
         return cost, (f"a {width}x{height} PNG of {chunks} chunks (PIL reads each in Python: past {FREE_PNG_CHUNKS} "
