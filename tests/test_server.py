@@ -502,6 +502,20 @@ BAD = {
         400, "a palette image with a pixel of index 200; its palette has 2 entries"),
     "v1 a PNG with an unknown critical chunk": ("POST", V1, image(b64(png_with(png_chunk(b"ABCD")))), {}, 400,
                                                 "a PNG with an unknown critical chunk ABCD"),
+    "v1 a PNG with a second IHDR": (
+        "POST", V1, image(b64(png_made(8, 8, 0, [b"\0" + bytes(8)] * 8,
+                                       png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))))), {}, 400,
+        "a PNG with a second IHDR chunk"),
+    "v1 a PNG whose palette comes after its image data": (
+        "POST", V1, image(b64(after_image_data(png_made(8, 8, 3, [b"\0" + bytes(8)] * 8, png_chunk(b"PLTE", bytes(6))),
+                                               b"PLTE"))), {}, 400,
+        "a PNG whose PLTE chunk comes after its image data"),
+    "v1 a grey PNG with a 3-byte tRNS": (
+        "POST", V1, image(b64(png_made(8, 8, 0, [b"\0" + bytes(8)] * 8, png_chunk(b"tRNS", bytes(3))))), {}, 400,
+        "a PNG whose tRNS chunk is 3 bytes, the wrong length for its colour type 0"),
+    "v1 a JPEG whose MPF directory hides behind a marker without a length": (
+        "POST", V1, image(b64(jpeg(b"\xff\xc8" + mpf_segment(300)))), {}, 400,
+        "a JPEG whose MPF (multi-picture) directory has 300 entries"),
     "v1 a PIL-only PyRGBA image": ("POST", V1, image(b64(b"PyRGBA 1 1 255\n" + bytes(4))), {}, 400,
                                    "a 'PyRGBA' image, not a Netpbm type this server reads; send P4, P5 or P6"),
     "v1 a PGM with a sample above its maxval": ("POST", V1, image(b64(b"P5 2 2 100\n" + bytes([0, 50, 200, 7]))), {},
@@ -510,10 +524,10 @@ BAD = {
                                      "a PBM/PGM/PPM whose header is not its type then width, height and maxval"),
     "v1 a PPM with 100,000 bytes of comment in its header": (
         "POST", V1, image(b64(b"P6\n#" + b"x" * 100_000 + b"\n1 1\n255\n" + bytes(3))), {}, 400,
-        "each followed by whitespace, ending within its first 1024 bytes"),
+        "each ended by whitespace, ending within its first 1024 bytes"),
     "v1 a PPM with 100,000 newlines before its maxval": (
         "POST", V1, image(b64(b"P6 1 1" + b"\n" * 100_000 + b"255\n" + bytes(3))), {}, 400,
-        "each followed by whitespace, ending within its first 1024 bytes"),
+        "each ended by whitespace, ending within its first 1024 bytes"),
     "v2 a body that is a JSON string": ("POST", V2, b'"x"', JSON, 400,
                                         "request: expected a JSON object with 'inputs', got str"),
     "get with a body": ("GET", "/v2/health/ready", b"x" * 10, {}, 400,
@@ -528,7 +542,7 @@ def send(base: str, method: str, path: str, body, headers: dict) -> requests.Res
 
 
 def test_bad_requests_are_4xx_with_a_message_and_the_server_survives(server):
-    assert len(BAD) >= 119
+    assert len(BAD) >= 123
     logged = len(server.log.read_text())
     statuses = {}
     for name, (method, path, body, headers, status, text) in BAD.items():

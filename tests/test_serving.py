@@ -226,7 +226,8 @@ def test_valid_pngs_and_pnms_of_every_kind_pass_the_file_checks(model):
     images = [encode(palette, "PNG"), transparent.getvalue(), encode(sign.convert("1"), "PNG"),
               encode(sign.convert("LA"), "PNG"), encode(grey16, "PNG"), encode(sign.convert("RGBA"), "PNG"),
               b"P5 2 2 100\n" + bytes([0, 50, 100, 7]), b"P5 1 2 1000\n" + (1000).to_bytes(2, "big") * 2,
-              b"P6\n# a comment\n1 1\n# another\n255\n" + bytes(3), b"P4 8 1\n\xf0"]
+              b"P6\n# a comment\n1 1\n# another\n255\n" + bytes(3),
+              b"P6 1# a comment after a number\n 1 255\n" + bytes(3), b"P4 8 1\n\xf0"]
     for data in images:
         (prediction,) = model.predict(model.preprocess(v1(image_instance(data))))["predictions"]
         assert 0 <= prediction["class_id"] < 43 and 0 < prediction["probability"] <= 1, data[:20]

@@ -44,6 +44,10 @@ JPEG_SOS = b"\xff\xda"                    # start of scan: never inside entropy-
 MAX_JPEG_JUNK = 4096
 MAX_JPEG_SEGMENTS = 1024                   # a camera's JPEG has tens (175,000 APPn segments: 0.41 s)
 JPEG_FILL = re.compile(rb"\xff+")
+# Markers PIL reads without a length field (its MARKER table: no handler), so a walk that read a length
+# after one would skip what PIL parses: JPG (0xC8), RSTn, SOI, EOI, JPGn (0xF0-0xFD); 0x00 and 0x01 are
+# stuffing and TEM.
+JPEG_NO_LENGTH = frozenset({0x00, 0x01, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
 # A JPEG's APP2 "MPF" segment (a multi-picture index, as an MPO's) is a TIFF directory that PIL parses
 # entry by entry when it opens the file: 64 JPEGs of 5,455 entries each held a worker for 2.5 s. It
 # has MAX_EXIF_ENTRIES at most, as EXIF's first directory (a camera's MPO has about 3).
@@ -71,7 +75,7 @@ def jpeg_header_problem(data: bytes) -> str | None:
         if segments > MAX_JPEG_SEGMENTS:
             return f"a JPEG with more than {MAX_JPEG_SEGMENTS} segments before its first scan"
         marker = data[pos + 1]
-        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:   # no length field
+        if marker in JPEG_NO_LENGTH:
             junk += 2 * (marker == 0x00)
             pos += 2
             continue
@@ -96,6 +100,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_CHUNKS = 256
 MAX_PNG_INFLATED = 8
 PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")    # a decoder must refuse any other critical chunk
+PNG_ONCE = (b"IHDR", b"PLTE", b"tRNS", b"acTL")           # at most one of each (IHDR: the first chunk)
+PNG_BEFORE_IMAGE_DATA = (b"PLTE", b"tRNS", b"acTL")
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}          # by colour type: grey, RGB, palette, grey+alpha, RGBA
 PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 # Adam7: (first column, first row, column step, row step) of each of the seven passes
@@ -143,6 +149,10 @@ def png_chunks(data: bytes, most: int) -> PngWalk:
             problem = f"a PNG with an unknown critical chunk {name} (a decoder must refuse it)"
         elif kind == b"IEND" and length:
             problem = f"a PNG whose IEND chunk holds {length} bytes; it holds none"
+        elif kind in PNG_ONCE and any(kind == seen for seen, _ in chunks):
+            problem = f"a PNG with a second {name} chunk (PIL would read one, this check the other)"
+        elif kind in PNG_BEFORE_IMAGE_DATA and any(seen == b"IDAT" for seen, _ in chunks):
+            problem = f"a PNG whose {name} chunk comes after its image data"
         if problem is not None:
             return PngWalk(total, problem)
         total += 1
@@ -167,7 +177,9 @@ def png_structure(total: int, chunks: list[tuple[bytes, memoryview]]) -> PngWalk
     still not valid: an IHDR that is not 13 bytes, gives a side of 0 or past 2^31 - 1, or names an
     undefined compression method; a palette image without a palette, or a palette where the PNG
     specification forbids one (grey) or of the wrong length; a tRNS chunk where alpha is already
-    stored, or of the wrong length; an APNG whose frame count is not its frames'; no image data.
+    stored, before the palette, or of the wrong length; an APNG whose frame count is not its frames';
+    no image data. (A second IHDR, PLTE, tRNS or acTL, or one of the last three after the image
+    data, is refused by the walk: PIL reads the last one, this check the first.)
     Bit depth and colour type, filter and interlace methods PIL checks."""
     ihdr = chunks[0][1]
     if len(ihdr) != 13:
@@ -179,7 +191,6 @@ def png_structure(total: int, chunks: list[tuple[bytes, memoryview]]) -> PngWalk
     trns = next((data for kind, data in chunks if kind == b"tRNS"), None)
     actl = next((data for kind, data in chunks if kind == b"acTL"), None)
     frames = int.from_bytes(actl[0:4], "big") if actl is not None and len(actl) == 8 else -1
-    most_entries = min(256, 1 << depth) if colour == 3 else 256
     problem = None
     if not (0 < width < 1 << 31 and 0 < height < 1 << 31):
         problem = f"a PNG whose IHDR gives a size of {width}x{height}; each side is 1 to 2^31 - 1"
@@ -191,11 +202,14 @@ def png_structure(total: int, chunks: list[tuple[bytes, memoryview]]) -> PngWalk
         problem = "a palette PNG (colour type 3) without its PLTE chunk"
     elif plte is not None and colour in (0, 4):
         problem = f"a greyscale PNG (colour type {colour}) with a PLTE chunk, which the PNG specification forbids"
-    elif plte is not None and (len(plte) % 3 or not 3 <= len(plte) <= 3 * most_entries):
-        problem = f"a PNG whose PLTE chunk is {len(plte)} bytes: 3 per entry, 1 to {most_entries} entries"
+    elif plte is not None and (len(plte) % 3 or not 3 <= len(plte) <= 3 * 256):
+        problem = f"a PNG whose PLTE chunk is {len(plte)} bytes: 3 per entry, 1 to 256 entries"
     elif trns is not None and colour in (4, 6):
         problem = f"a PNG with an alpha channel (colour type {colour}) and a tRNS chunk, forbidden there"
-    elif trns is not None and (colour == 2 and len(trns) != 6 or colour == 3 and len(trns) > len(plte) // 3):
+    elif trns is not None and colour == 3 and kinds.index(b"tRNS") < kinds.index(b"PLTE"):
+        problem = "a palette PNG whose tRNS chunk comes before its PLTE chunk"
+    elif trns is not None and (colour == 0 and len(trns) != 2 or colour == 2 and len(trns) != 6
+                               or colour == 3 and len(trns) > len(plte) // 3):
         problem = f"a PNG whose tRNS chunk is {len(trns)} bytes, the wrong length for its colour type {colour}"
     elif actl is not None and frames != kinds.count(b"fcTL"):
         problem = f"an APNG whose acTL chunk declares {frames} frames and holds {kinds.count(b'fcTL')}"
@@ -254,15 +268,17 @@ def png_data_problem(walk: PngWalk) -> str | None:
 # A PNM's header (magic, width, height, maxval) is read by PIL a byte at a time in Python (~190 ns a
 # byte): a 1x1 PPM with 8 MB of comment took 1.4 s. It must end within MAX_PNM_HEADER bytes, and be
 # what the Netpbm formats define: P4 (bitmap), P5 (grey), P6 (RGB), then decimal numbers, each
-# followed by whitespace, with comments between them (PIL also reads its own "Py"/"P0" types, and
-# any text Python's int() takes: "+8", "0_8").
+# ended by whitespace, with comments between them (PIL also reads its own "Py"/"P0" types, any text
+# Python's int() takes: "+8", "0_8", and a number whose digits a comment splits: "2#c\n55").
 MAX_PNM_HEADER = 1024
 PNM_SPACE = rb"[ \t\n\r\x0b\x0c]"
-PNM_GAP = rb"%s(?:%s|#[^\r\n]*[\r\n])*" % (PNM_SPACE, PNM_SPACE)      # after the magic and between numbers
-PNM_NUMBER = rb"([0-9]{1,10})"
-PNM_HEADER = re.compile(rb"(P4)%s%s%s%s%s|(P[56])%s%s%s%s%s%s%s" % (
-    PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER, PNM_SPACE,
-    PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER, PNM_SPACE))
+PNM_COMMENTS = rb"(?:#[^\r\n]*[\r\n])*"
+# PIL reads a number's digits, skipping any comment (through its end of line), up to a whitespace
+PNM_NUMBER = rb"([0-9]{1,10})" + PNM_COMMENTS + PNM_SPACE
+PNM_GAP = rb"(?:%s|#[^\r\n]*[\r\n])*" % PNM_SPACE        # before a number: whitespace and comments
+PNM_HEADER = re.compile(rb"(P4)%s%s%s%s|(P[56])%s%s%s%s%s%s" % (
+    PNM_SPACE + PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER,
+    PNM_SPACE + PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER, PNM_GAP, PNM_NUMBER))
 PNM_MAGIC = re.compile(rb"P[0-9fy]")       # what PIL's PPM plugin tries to read
 
 
@@ -283,7 +299,7 @@ def pnm_problem(data: bytes) -> str | None:
     header = PNM_HEADER.match(data, 0, MAX_PNM_HEADER)
     if header is None:
         return (f"a PBM/PGM/PPM whose header is not its type then width, height and maxval (none for P4) as "
-                f"decimal numbers, each followed by whitespace, ending within its first {MAX_PNM_HEADER} bytes")
+                f"decimal numbers, each ended by whitespace, ending within its first {MAX_PNM_HEADER} bytes")
     if header[1]:                                  # a bitmap: every bit is a pixel
         width, height, maxval = int(header[2]), int(header[3]), 1
     else:
