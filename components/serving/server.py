@@ -42,7 +42,8 @@ WAIT_SLICES = 30            # a body's wait is counted in BODY_TIMEOUT_S / WAIT_
 class RequestGuard:
     """ASGI middleware: a body larger than ``max_body_bytes`` is answered 413 before KServe reads
     it; a body without a Content-Type is JSON; a V2 /infer body with the binary tensor extension's
-    header is handed on as bytes (FastAPI would parse an application/json one as JSON and fail)."""
+    header is handed on as bytes (FastAPI would parse an application/json one as JSON and fail).
+    A header that frames the body given twice, and a missing or invalid Host, are a 400."""
 
     BINARY_HEADER = binary.HEADER.encode()
 
