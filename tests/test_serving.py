@@ -689,6 +689,19 @@ def test_a_body_read_late_by_a_busy_worker_is_read_whole_and_a_trickle_is_a_408(
     assert json.loads(sent[1]["body"])["error"].endswith("bytes/s, under the minimum of 1024 bytes/s")
 
 
+def test_a_body_sent_fast_then_trickled_is_a_408_in_the_next_window():
+    """The rate was averaged over the whole body: 8 MB sent at once, then a byte every 20 s, kept
+    the average above 1 KiB/s for 8,192 s while the worker held the 8 MB. The rate now holds for
+    every window of body_timeout_s of waiting: the trickle is a 408 in its second window."""
+    fast_then_trickle = [(0.0, b"x" * 100_000)] + [(0.15, b"x")] * 12
+    received, sent = guarded_read(fast_then_trickle, body_timeout_s=0.2)
+    assert received == [] and sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"].endswith("bytes/s, under the minimum of 1024 bytes/s")
+    steady = [(0.0, b"x" * 100_000)] + [(0.15, b"x" * 400)] * 12    # 2.7 KB/s after the burst: read whole
+    received, sent = guarded_read(steady, body_timeout_s=0.2)
+    assert received == [b"x" * (100_000 + 400 * 12)] and sent == []
+
+
 def test_a_body_that_arrives_while_the_worker_is_busy_is_read_whole():
     """A worker's event loop also runs its other requests' preprocessing: blocked for 3x the body
     timeout while the rest of a body arrived, it answered 408 "nothing for 30 seconds" to a client
