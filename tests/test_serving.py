@@ -791,6 +791,59 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
         surface.harden_http_parser()            # the defaults again, for anything later in this process
 
 
+def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_timeout(caplog):
+    """uvicorn waited forever for a client to read: pipelined requests with large answers, never
+    read, held the connection and its requests. With the write timeout shortened in-process, the
+    connection is reset once an answer has waited that long, with one WARNING line and no error
+    from the pipelined requests still waiting to write; a reading client is answered."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from components.serving import surface
+    from components.serving.client import free_port
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x" * (4 << 20)})
+
+    surface.harden_http_parser(write_timeout_s=0.5)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None,
+                                       lifespan="off"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            time.sleep(2)                                    # not reading: the server's buffers fill
+            got, start = 0, time.monotonic()
+            try:
+                while chunk := s.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert got < 4 * (4 << 20) and time.monotonic() - start < 5      # cut off, not all four answers
+        assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == [
+            "client error: an answer not read for 0.5 s -> connection aborted"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(1 << 20):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"x") >= 4 << 20      # all of it
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        surface.harden_http_parser()            # the defaults again, for anything later in this process
+
+
 def test_quiet_logging_drops_only_the_per_request_lines():
     quiet, verbose = server.logging_config(False), server.logging_config(True)
     assert quiet["loggers"]["uvicorn.access"]["level"] == quiet["loggers"]["kserve.trace"]["level"] == "WARNING"

@@ -16,6 +16,8 @@ handlers, kept for those).
 from __future__ import annotations
 
 import re
+import socket
+import struct
 from http import HTTPStatus
 
 import orjson
@@ -159,10 +161,12 @@ MAX_HEAD_BYTES = 256 << 10     # request line + headers (nginx: 32 KiB, Node: 16
 # a worker by 277 MB while they waited for their 408, and it kept 56 MB after.
 MAX_HEADER_FIELDS = 100
 HEAD_TIMEOUT_S = 30.0          # for the request line + headers to arrive (nginx client_header_timeout: 60 s)
+WRITE_TIMEOUT_S = 30.0         # for a client to read what an answer left in the socket (nginx send_timeout: 60 s)
 
 
-def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
-    """Four gaps of uvicorn's httptools protocol, which parses every request before any
+def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: float = HEAD_TIMEOUT_S,
+                       write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+    """Gaps of uvicorn's httptools protocol, which parses every request before any
     middleware or route sees it (uvicorn takes httptools' parser when httptools is installed,
     "auto", as it is wherever kserve is: uvicorn[standard]):
 
@@ -184,15 +188,23 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
       answered 431 and the connection closed; parsing stops at the first field past the limit
       (uvicorn logs its one "Invalid HTTP request received." line).
 
-    The limits are class attributes, set on every call (tests shorten the timeout in-process).
+    - It waits forever for a client to read its answers: pipelined requests whose answers the
+      client never read held each connection, its request and its 8 MB body (30 connections: +311
+      MB, still held after 600 s). An answer that cannot be written for ``write_timeout_s`` (the
+      socket's buffers full, the transport paused) now aborts the connection, with one log line.
+
+    The limits are class attributes, set on every call (tests shorten the timeouts in-process).
     """
     from uvicorn.protocols.http import httptools_impl as impl
 
     protocol = impl.HttpToolsProtocol
     protocol.max_head_bytes, protocol.head_timeout_s = max_head_bytes, head_timeout_s
+    protocol.write_timeout_s = write_timeout_s
     if getattr(protocol, "hardened", False):
         return
     made, lost = protocol.connection_made, protocol.connection_lost
+    paused, resumed = protocol.pause_writing, protocol.resume_writing
+    send_on_cycle = impl.RequestResponseCycle.send
     feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
     header, on_body = protocol.on_header, protocol.on_body
 
@@ -220,7 +232,40 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
 
     def connection_lost(self, exc) -> None:
         stop_head_timer(self)
+        stop_write_timer(self)
         lost(self, exc)
+
+    def pause_writing(self) -> None:              # the transport's buffer is full: the client is not reading
+        paused(self)
+        if getattr(self, "write_timer", None) is None:
+            self.write_timer = self.loop.call_later(self.write_timeout_s, write_timed_out, self)
+
+    def resume_writing(self) -> None:
+        stop_write_timer(self)
+        resumed(self)
+
+    def stop_write_timer(self) -> None:
+        if getattr(self, "write_timer", None) is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def write_timed_out(self) -> None:
+        self.write_timer = None
+        self.logger.warning(f"client error: an answer not read for {self.write_timeout_s:g} s -> connection aborted")
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:                      # a reset: the kernel drops what it still holds for the client
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()                    # close() would wait for the buffer to drain
+
+    async def cycle_send(self, message) -> None:
+        """uvicorn's send, but a request waiting to write on a connection closed meanwhile (aborted
+        above, or lost) writes nothing: uvicorn marks only the newest pipelined request
+        disconnected, and uvloop raises on a write to a closed transport (an ERROR and a traceback)."""
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.transport.is_closing():
+            self.disconnected = True
+        await send_on_cycle(self, message)
 
     def on_message_begin(self) -> None:
         begin(self)
@@ -281,6 +326,8 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
         _answer_and_close(self, 400, f"{msg} The request line or a header is not HTTP/1.1 this server can parse.")
 
     protocol.connection_made, protocol.connection_lost = connection_made, connection_lost
+    protocol.pause_writing, protocol.resume_writing = pause_writing, resume_writing
+    impl.RequestResponseCycle.send = cycle_send
     protocol.on_message_begin, protocol.on_headers_complete = on_message_begin, on_headers_complete
     protocol.data_received, protocol.send_400_response = data_received, send_400_response
     protocol.on_header, protocol.on_body = on_header, on_body_data
