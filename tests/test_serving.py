@@ -2,6 +2,7 @@
 validation of every instance, and what a multi-worker server ships to its workers."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -740,11 +741,10 @@ def test_a_body_that_arrives_while_the_worker_is_busy_is_read_whole():
     assert sent == [] and received == [b"x" * 10 + b"y" * 10]
 
 
-def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
-    """uvicorn waited forever for a request head (an idle connection, or a slowloris header): with
-    the head timeout shortened in-process, a real uvicorn server answers 408 and closes; a prompt
-    request is answered as usual."""
-    import socket
+@contextlib.contextmanager
+def hardened_uvicorn(app, **limits):
+    """A real uvicorn server (httptools) in a thread on a free port of 127.0.0.1, with the parser
+    hardening's ``limits`` (timeouts shortened in-process); yields the port."""
     import threading
 
     import uvicorn
@@ -752,12 +752,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
     from components.serving import surface
     from components.serving.client import free_port
 
-    async def app(scope, receive, send):
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"ok"})
-
-    surface.harden_http_parser(head_timeout_s=0.5)
+    surface.harden_http_parser(**limits)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None,
                                        lifespan="off"))
@@ -767,7 +762,25 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
         deadline = time.monotonic() + 10
         while not uv.started and time.monotonic() < deadline:
             time.sleep(0.05)
+        yield port
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        surface.harden_http_parser()            # the defaults again, for anything later in this process
 
+
+def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
+    """uvicorn waited forever for a request head (an idle connection, or a slowloris header): with
+    the head timeout shortened in-process, a real uvicorn server answers 408 and closes; a prompt
+    request is answered as usual."""
+    import socket
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    with hardened_uvicorn(app, head_timeout_s=0.5) as port:
         def exchange(*parts: bytes) -> tuple[bytes, float]:
             start = time.monotonic()
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -785,10 +798,6 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
             assert answer.endswith(b'{"error":"the request line and headers did not arrive within 0.5 seconds"}')
         answer, _ = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nok\r\n" in answer
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        surface.harden_http_parser()            # the defaults again, for anything later in this process
 
 
 def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_timeout(caplog):
@@ -797,28 +806,13 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_time
     connection is reset once an answer has waited that long, with one WARNING line and no error
     from the pipelined requests still waiting to write; a reading client is answered."""
     import socket
-    import threading
-
-    import uvicorn
-
-    from components.serving import surface
-    from components.serving.client import free_port
 
     async def app(scope, receive, send):
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"x" * (4 << 20)})
 
-    surface.harden_http_parser(write_timeout_s=0.5)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None,
-                                       lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not uv.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with hardened_uvicorn(app, write_timeout_s=0.5) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
@@ -838,10 +832,6 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_time
             while chunk := s.recv(1 << 20):
                 answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"x") >= 4 << 20      # all of it
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        surface.harden_http_parser()            # the defaults again, for anything later in this process
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():

@@ -208,14 +208,20 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
     header, on_body = protocol.on_header, protocol.on_body
 
+    def start_timer(self, name: str, seconds: float, callback) -> None:
+        if getattr(self, name, None) is None:
+            setattr(self, name, self.loop.call_later(seconds, callback, self))
+
+    def stop_timer(self, name: str) -> None:
+        if (timer := getattr(self, name, None)) is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
     def start_head_timer(self) -> None:
-        if getattr(self, "head_timer", None) is None:
-            self.head_timer = self.loop.call_later(self.head_timeout_s, head_timed_out, self)
+        start_timer(self, "head_timer", self.head_timeout_s, head_timed_out)
 
     def stop_head_timer(self) -> None:
-        if getattr(self, "head_timer", None) is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        stop_timer(self, "head_timer")
 
     def head_timed_out(self) -> None:
         self.head_timer = None
@@ -237,17 +243,14 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
 
     def pause_writing(self) -> None:              # the transport's buffer is full: the client is not reading
         paused(self)
-        if getattr(self, "write_timer", None) is None:
-            self.write_timer = self.loop.call_later(self.write_timeout_s, write_timed_out, self)
+        start_timer(self, "write_timer", self.write_timeout_s, write_timed_out)
 
     def resume_writing(self) -> None:
         stop_write_timer(self)
         resumed(self)
 
     def stop_write_timer(self) -> None:
-        if getattr(self, "write_timer", None) is not None:
-            self.write_timer.cancel()
-            self.write_timer = None
+        stop_timer(self, "write_timer")
 
     def write_timed_out(self) -> None:
         self.write_timer = None
