@@ -692,12 +692,16 @@ def test_a_body_read_late_by_a_busy_worker_is_read_whole_and_a_trickle_is_a_408(
 
 def test_a_body_sent_fast_then_trickled_is_a_408_in_the_next_window():
     """The rate was averaged over the whole body: 8 MB sent at once, then a byte every 20 s, kept
-    the average above 1 KiB/s for 8,192 s while the worker held the 8 MB. The rate now holds for
-    every window of body_timeout_s of waiting: the trickle is a 408 in its second window."""
+    the average above 1 KiB/s for 8,192 s while the worker held the 8 MB, and only idle time
+    counted, so a byte sent before each 1 s wait slice ended was never checked. The rate now holds
+    for every window of body_timeout_s of wall time: both are a 408."""
     fast_then_trickle = [(0.0, b"x" * 100_000)] + [(0.15, b"x")] * 12
     received, sent = guarded_read(fast_then_trickle, body_timeout_s=0.2)
     assert received == [] and sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["error"].endswith("bytes/s, under the minimum of 1024 bytes/s")
+    never_idle = [(0.005, b"x")] * 120           # a byte before every wait slice ends: 200 bytes/s of wall time
+    received, sent = guarded_read(never_idle, body_timeout_s=0.2)
+    assert received == [] and sent[0]["status"] == 408
     steady = [(0.0, b"x" * 100_000)] + [(0.15, b"x" * 400)] * 12    # 2.7 KB/s after the burst: read whole
     received, sent = guarded_read(steady, body_timeout_s=0.2)
     assert received == [b"x" * (100_000 + 400 * 12)] and sent == []
@@ -744,7 +748,7 @@ def test_a_body_that_arrives_while_the_worker_is_busy_is_read_whole():
 @contextlib.contextmanager
 def hardened_uvicorn(app, **limits):
     """A real uvicorn server (httptools) in a thread on a free port of 127.0.0.1, with the parser
-    hardening's ``limits`` (timeouts shortened in-process); yields the port."""
+    hardening's ``limits`` (timeouts shortened in-process); yields (port, the uvicorn.Server)."""
     import threading
 
     import uvicorn
@@ -762,7 +766,7 @@ def hardened_uvicorn(app, **limits):
         deadline = time.monotonic() + 10
         while not uv.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        yield port
+        yield port, uv
     finally:
         uv.should_exit = True
         thread.join(10)
@@ -780,7 +784,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408():
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    with hardened_uvicorn(app, head_timeout_s=0.5) as port:
+    with hardened_uvicorn(app, head_timeout_s=0.5) as (port, _):
         def exchange(*parts: bytes) -> tuple[bytes, float]:
             start = time.monotonic()
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -812,7 +816,7 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_time
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"x" * (4 << 20)})
 
-    with hardened_uvicorn(app, write_timeout_s=0.5) as port:
+    with hardened_uvicorn(app, write_timeout_s=0.5) as (port, _):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
@@ -832,6 +836,41 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off_after_the_write_time
             while chunk := s.recv(1 << 20):
                 answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"x") >= 4 << 20      # all of it
+
+
+def test_requests_pipelined_behind_unread_answers_stop_being_read():
+    """uvicorn resumed reading after every answer, and each read of tiny pipelined requests queued
+    thousands more: a client that pipelined health checks and never read took both workers to
+    13.5 GB in 50 s. Reading now stays paused while 16 or more requests wait: the queue stops at
+    what one read held."""
+    import socket
+    import threading
+
+    from components.serving.surface import MAX_PIPELINED
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok" * 50})
+
+    with hardened_uvicorn(app) as (port, uv), socket.create_connection(("127.0.0.1", port)) as s:
+        block = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+        stop = threading.Event()
+
+        def pipeline():
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    s.sendall(block)
+        threading.Thread(target=pipeline, daemon=True).start()
+        try:
+            queued = []
+            for _ in range(4):
+                time.sleep(0.75)
+                queued.append(max(len(c.pipeline) for c in uv.server_state.connections))
+        finally:
+            stop.set()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert MAX_PIPELINED < queued[0] == queued[-1] < 20_000, queued     # one read's worth, then no growth
 
 
 def test_quiet_logging_drops_only_the_per_request_lines():

@@ -35,7 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 MMAP_THRESHOLD = 128 << 10  # bytes: glibc's starting value, kept (fixed_mmap_threshold)
 M_MMAP_THRESHOLD = -3       # mallopt's parameter number (malloc.h)
 BODY_TIMEOUT_S = 30.0       # the longest wait for the next part of a request body (surface.HEAD_TIMEOUT_S: its head)
-MIN_BODY_RATE = 1024        # bytes/s a body must arrive at over each BODY_TIMEOUT_S of waiting past the first
+MIN_BODY_RATE = 1024        # bytes/s a body must arrive at over each BODY_TIMEOUT_S window past the first
 WAIT_SLICES = 30            # a body's wait is counted in BODY_TIMEOUT_S / WAIT_SLICES steps (RequestGuard._read_body)
 
 
@@ -111,10 +111,12 @@ class RequestGuard:
         """The whole body, or its first bytes past the limit (a chunked body has no content-length:
         it is counted as it arrives), or None if the client disconnected. Raises BodyTooSlow when
         the client sends nothing for ``body_timeout_s`` (as nginx's client_body_timeout: between two
-        reads), or when less than :data:`MIN_BODY_RATE` arrives over any ``body_timeout_s`` of
-        waiting (a byte every 29 s). The rate is per window, not averaged over the whole body: 50
+        reads), or when less than :data:`MIN_BODY_RATE` arrives over a window of ``body_timeout_s``
+        (wall time: what a busy worker did not read meanwhile arrives at once when it does). The
+        rate is per window, not averaged over the whole body, and not over idle time alone: 50
         bodies sent fast up to their last bytes, then a byte every 20 s, kept 8 MB each in the
-        workers for as long as the average allowed (8,192 s for 8 MB; seen held for 100 s and more).
+        workers for as long as the average allowed (8,192 s for 8 MB), and a byte every 0.9 s never
+        left a wait slice idle.
 
         Only time this worker was free to read counts as the client's: a worker busy with other
         requests (their preprocessing runs in its event loop) reads a body late, and a valid 7.9 MB
@@ -122,7 +124,8 @@ class RequestGuard:
         :data:`WAIT_SLICES` slices of the timeout; a slice that ends late (the loop was busy) counts
         as one slice, however long it took."""
         body, waited = bytearray(), 0.0
-        window_start, window_bytes = 0.0, 0          # the rate is over windows of body_timeout_s of waiting
+        clock = asyncio.get_running_loop().time
+        window_start, window_bytes = clock(), 0      # the rate is over windows of body_timeout_s
         while True:
             message, waited = await self._next_message(receive, waited, len(body))
             if message["type"] != "http.request":
@@ -130,12 +133,12 @@ class RequestGuard:
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes or not message.get("more_body"):
                 return body
-            if waited - window_start > self.body_timeout_s:
-                rate = (len(body) - window_bytes) / (waited - window_start)
+            if (now := clock()) - window_start > self.body_timeout_s:
+                rate = (len(body) - window_bytes) / (now - window_start)
                 if rate < MIN_BODY_RATE:
                     raise BodyTooSlow(f"the request body arrives at {rate:.0f} bytes/s, under the minimum of "
                                       f"{MIN_BODY_RATE} bytes/s")
-                window_start, window_bytes = waited, len(body)
+                window_start, window_bytes = now, len(body)
 
     async def _next_message(self, receive, waited: float, received: int) -> tuple[dict, float]:
         """(the next ASGI message, the time waited for the body so far, this wait included). A

@@ -156,6 +156,10 @@ async def send_error(scope, send, status: int, message: str, headers=(), body_re
 
 
 MAX_HEAD_BYTES = 256 << 10     # request line + headers (nginx: 32 KiB, Node: 16 KiB, uvicorn/httptools: none)
+# Requests parsed and waiting behind the one being answered on a connection (HTTP/1.1 pipelining). uvicorn
+# resumes reading after every answer, and one read of tiny pipelined requests queues ~1,000: a client
+# that pipelined health checks and never read its answers took both workers to 13.5 GB in 50 s.
+MAX_PIPELINED = 16
 # Header fields per request (Apache's LimitRequestFields default). uvicorn keeps each as a tuple of two
 # bytes objects, ~50x its size on the wire: 100 heads of 51,200 one-letter fields (256 KB each) grew
 # a worker by 277 MB while they waited for their 408, and it kept 56 MB after.
@@ -193,6 +197,9 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
       MB, still held after 600 s). An answer that cannot be written for ``write_timeout_s`` (the
       socket's buffers full, the transport paused) now aborts the connection, with one log line.
 
+    - It resumes reading after every answer, however many pipelined requests wait: reading now
+      stays paused while :data:`MAX_PIPELINED` or more are queued on the connection.
+
     The limits are class attributes, set on every call (tests shorten the timeouts in-process).
     """
     from uvicorn.protocols.http import httptools_impl as impl
@@ -206,6 +213,7 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     paused, resumed = protocol.pause_writing, protocol.resume_writing
     send_on_cycle = impl.RequestResponseCycle.send
     feed, begin, complete = protocol.data_received, protocol.on_message_begin, protocol.on_headers_complete
+    response_complete = protocol.on_response_complete
     header, on_body = protocol.on_header, protocol.on_body
 
     def start_timer(self, name: str, seconds: float, callback) -> None:
@@ -235,6 +243,11 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     def connection_made(self, transport) -> None:
         made(self, transport)
         start_head_timer(self)
+
+    def on_response_complete(self) -> None:       # uvicorn resumes reading here, whatever is queued
+        response_complete(self)
+        if len(self.pipeline) >= MAX_PIPELINED and not self.transport.is_closing():
+            self.flow.pause_reading()
 
     def connection_lost(self, exc) -> None:
         stop_head_timer(self)
@@ -330,6 +343,7 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
 
     protocol.connection_made, protocol.connection_lost = connection_made, connection_lost
     protocol.pause_writing, protocol.resume_writing = pause_writing, resume_writing
+    protocol.on_response_complete = on_response_complete
     impl.RequestResponseCycle.send = cycle_send
     protocol.on_message_begin, protocol.on_headers_complete = on_message_begin, on_headers_complete
     protocol.data_received, protocol.send_400_response = data_received, send_400_response
