@@ -853,7 +853,7 @@ def test_requests_pipelined_behind_unread_answers_stop_being_read():
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok" * 50})
 
-    with hardened_uvicorn(app) as (port, uv), socket.create_connection(("127.0.0.1", port)) as s:
+    with hardened_uvicorn(app, write_timeout_s=5) as (port, uv), socket.create_connection(("127.0.0.1", port)) as s:
         block = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
         stop = threading.Event()
 
