@@ -119,4 +119,3 @@ def test_a_grpc_call_that_never_sends_its_request_ends_with_its_connection(train
                                                        contents=pb.InferTensorContents(fp32_contents=[0.0] * 3072))
         answer = infer(pb.ModelInferRequest(model_name="gtsrb", inputs=[tensor]), timeout=30)
         assert 0 <= answer.outputs[0].contents.int64_contents[0] < 43
-

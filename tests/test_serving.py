@@ -257,7 +257,7 @@ def test_a_cmyk_jpeg_counts_twice_its_pixels(model):
         model.preprocess(v1(image_instance(big.getvalue())))
     sign_image(14, random.Random(3)).convert("CMYK").save(small, format="JPEG", quality=95)
     opened = Image.open(io.BytesIO(small.getvalue()))
-    assert protocol.decode_cost(opened, small.getvalue())[0] == 2 * opened.width * opened.height
+    assert protocol.decode_cost(opened, small.getvalue(), None)[0] == 2 * opened.width * opened.height
     as_rgb = encode(opened.convert("RGB"), "PNG")              # the pixels the transform makes of it
     answer = model.predict(model.preprocess(v1(image_instance(small.getvalue()))))
     assert answer == model.predict(model.preprocess(v1(image_instance(as_rgb))))

@@ -130,7 +130,7 @@ def png_chunks(data: bytes, most: int) -> PngWalk:
     is not read, by PIL either. The CRCs of an 8 MB PNG take ~1.5 ms. The image data is inflated
     later (:func:`png_data_problem`), once the caller has checked the image's size."""
     pos, total, other, inflated, end = len(PNG_SIGNATURE), 0, 0, 0, len(data)
-    view, chunks = memoryview(data), []
+    view, chunks, seen = memoryview(data), [], set()
     while total < most:
         if pos + 12 > end:
             return PngWalk(total, f"a PNG cut short after {total} chunks, without its IEND chunk (a truncated file?)")
@@ -149,14 +149,15 @@ def png_chunks(data: bytes, most: int) -> PngWalk:
             problem = f"a PNG with an unknown critical chunk {name} (a decoder must refuse it)"
         elif kind == b"IEND" and length:
             problem = f"a PNG whose IEND chunk holds {length} bytes; it holds none"
-        elif kind in PNG_ONCE and any(kind == seen for seen, _ in chunks):
+        elif kind in PNG_ONCE and kind in seen:
             problem = f"a PNG with a second {name} chunk (PIL would read one, this check the other)"
-        elif kind in PNG_BEFORE_IMAGE_DATA and any(seen == b"IDAT" for seen, _ in chunks):
+        elif kind in PNG_BEFORE_IMAGE_DATA and b"IDAT" in seen:
             problem = f"a PNG whose {name} chunk comes after its image data"
         if problem is not None:
             return PngWalk(total, problem)
         total += 1
         chunks.append((kind, view[pos + 8:crc_at]))
+        seen.add(kind)
         if kind != b"IDAT":
             other += 1
             inflated += kind in (b"iCCP", b"zTXt", b"iTXt")
@@ -187,9 +188,8 @@ def png_structure(total: int, chunks: list[tuple[bytes, memoryview]]) -> PngWalk
     width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
     depth, colour, compression, interlace = ihdr[8], ihdr[9], ihdr[10], ihdr[12]
     kinds = [kind for kind, _ in chunks]
-    plte = next((data for kind, data in chunks if kind == b"PLTE"), None)
-    trns = next((data for kind, data in chunks if kind == b"tRNS"), None)
-    actl = next((data for kind, data in chunks if kind == b"acTL"), None)
+    once = dict(chunk for chunk in chunks if chunk[0] in PNG_ONCE)     # the walk let one of each through
+    plte, trns, actl = once.get(b"PLTE"), once.get(b"tRNS"), once.get(b"acTL")
     frames = int.from_bytes(actl[0:4], "big") if actl is not None and len(actl) == 8 else -1
     problem = None
     if not (0 < width < 1 << 31 and 0 < height < 1 << 31):
@@ -300,15 +300,13 @@ def pnm_problem(data: bytes) -> str | None:
     if header is None:
         return (f"a PBM/PGM/PPM whose header is not its type then width, height and maxval (none for P4) as "
                 f"decimal numbers, each ended by whitespace, ending within its first {MAX_PNM_HEADER} bytes")
-    if header[1]:                                  # a bitmap: every bit is a pixel
-        width, height, maxval = int(header[2]), int(header[3]), 1
+    if header[1]:                                  # a bitmap: no maxval, every bit is a pixel
+        width, height, maxval = int(header[2]), int(header[3]), None
     else:
         width, height, maxval = int(header[5]), int(header[6]), int(header[7])
     if not width or not height:
         return f"a PBM/PGM/PPM of {width}x{height} pixels"
-    if header[1]:
-        return None
-    if maxval in (255, 65535) or not 0 < maxval < 65536:
+    if maxval is None or maxval in (255, 65535) or not 0 < maxval < 65536:
         return None                                # every sample fits; PIL refuses maxval 0 and > 65535
     samples = width * height * (3 if header[4] == b"P6" else 1)
     dtype = np.dtype(np.uint8 if maxval < 256 else ">u2")

@@ -225,7 +225,7 @@ class PixelBudget:
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
 
-    def spend(self, image: Image.Image, data: bytes, where: str, png_chunk_count: int | None = None) -> None:
+    def spend(self, image: Image.Image, data: bytes, where: str, png_chunk_count: int | None) -> None:
         cost, what = decode_cost(image, data, png_chunk_count)
         self.used += cost
         if self.used > self.limit:
@@ -234,21 +234,19 @@ class PixelBudget:
                 f"than the limit of {self.limit} pixels per request (all its images together)")
 
 
-def decode_cost(image: Image.Image, data: bytes, png_chunk_count: int | None = None) -> tuple[int, str]:
+def decode_cost(image: Image.Image, data: bytes, png_chunk_count: int | None) -> tuple[int, str]:
     """(the pixels decoding ``image`` counts as, what it is): width x height, more where the decoder
     does more per pixel: a JPEG (or MPO) of more than :data:`FREE_JPEG_SCANS` scans walks its
     pixels once per scan; a CMYK JPEG :data:`CMYK_JPEG_COST` each; a PGM/PPM on PIL's Python
     decoder costs :data:`PY_DECODER_COST` each; a PNG's chunks past :data:`FREE_PNG_CHUNKS` cost
-    :data:`PNG_CHUNK_COST` each (``png_chunk_count``: :func:`png_chunks`' count, if the caller walked
-    them already)."""
+    :data:`PNG_CHUNK_COST` each (``png_chunk_count``: :func:`png_chunks`' count for a PNG, which
+    :func:`open_image` walked already; None for other formats)."""
     width, height = image.size
     pixels = width * height
     if data.startswith(JPEG_SOI) and (scans := data.count(JPEG_SOS)) > FREE_JPEG_SCANS:
         cost = pixels * scans // FREE_JPEG_SCANS
         return cost, f"a {width}x{height} JPEG of {scans} scans (decoded once per scan: it counts as {cost} pixels)"
     chunks = png_chunk_count
-    if chunks is None and data.startswith(PNG_SIGNATURE):
-        chunks = png_chunks(data, MOST_PNG_CHUNKS).chunks
     if chunks is not None and chunks > FREE_PNG_CHUNKS:
         cost = pixels + (chunks - FREE_PNG_CHUNKS) * PNG_CHUNK_COST
         return cost, (f"a {width}x{height} PNG of {chunks} chunks (PIL reads each in Python: past {FREE_PNG_CHUNKS} "

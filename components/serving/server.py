@@ -35,7 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 MMAP_THRESHOLD = 128 << 10  # bytes: glibc's starting value, kept (fixed_mmap_threshold)
 M_MMAP_THRESHOLD = -3       # mallopt's parameter number (malloc.h)
 BODY_TIMEOUT_S = 30.0       # the longest wait for the next part of a request body (surface.HEAD_TIMEOUT_S: its head)
-MIN_BODY_RATE = 1024        # bytes/s a body must arrive at over each BODY_TIMEOUT_S window past the first
+MIN_BODY_RATE = 1024        # bytes/s a body must arrive at over each BODY_TIMEOUT_S window of its arrival
 WAIT_SLICES = 30            # a body's wait is counted in BODY_TIMEOUT_S / WAIT_SLICES steps (RequestGuard._read_body)
 
 

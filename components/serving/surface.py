@@ -191,12 +191,10 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
     - It keeps every header field, however many: more than :data:`MAX_HEADER_FIELDS` are now
       answered 431 and the connection closed; parsing stops at the first field past the limit
       (uvicorn logs its one "Invalid HTTP request received." line).
-
     - It waits forever for a client to read its answers: pipelined requests whose answers the
       client never read held each connection, its request and its 8 MB body (30 connections: +311
       MB, still held after 600 s). An answer that cannot be written for ``write_timeout_s`` (the
       socket's buffers full, the transport paused) now aborts the connection, with one log line.
-
     - It resumes reading after every answer, however many pipelined requests wait: reading now
       stays paused while :data:`MAX_PIPELINED` or more are queued on the connection.
 
@@ -251,7 +249,7 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
 
     def connection_lost(self, exc) -> None:
         stop_head_timer(self)
-        stop_write_timer(self)
+        stop_timer(self, "write_timer")
         lost(self, exc)
 
     def pause_writing(self) -> None:              # the transport's buffer is full: the client is not reading
@@ -259,11 +257,8 @@ def harden_http_parser(max_head_bytes: int = MAX_HEAD_BYTES, head_timeout_s: flo
         start_timer(self, "write_timer", self.write_timeout_s, write_timed_out)
 
     def resume_writing(self) -> None:
-        stop_write_timer(self)
-        resumed(self)
-
-    def stop_write_timer(self) -> None:
         stop_timer(self, "write_timer")
+        resumed(self)
 
     def write_timed_out(self) -> None:
         self.write_timer = None
